@@ -1,0 +1,113 @@
+"""The command line: `python train.py fit|validate|test|predict [--config FILE] [--key=value]`.
+
+LightningCLI builds the model, the data and the Trainer from YAML and flags. This file
+adds what a user should not have to think about: the data's class count and input shape
+flow into the model, `--ckpt_path=best|last` finds the newest such checkpoint of the run,
+and mistakes come out as one `ERROR:` line instead of a traceback.
+"""
+
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data.batches import InMemoryDataModule
+from .errors import UserError
+from .models import Classifier
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist_mlp.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
+
+
+def newest_checkpoint(root: Path, which: str) -> Path | None:
+    """The most recent `last.ckpt` ('last') or other checkpoint ('best') under `root`."""
+    found = [
+        p for p in root.glob("*/checkpoints/*.ckpt")
+        if (p.stem == "last" or p.stem.startswith("last-v")) == (which == "last")
+    ]  # fmt: skip
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+class CLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        for name in ("num_classes", "input_shape", "class_names"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub and self.config[sub].get("ckpt_path"):
+            self._resolve_ckpt_path(sub, self.config[sub])
+
+    def _resolve_ckpt_path(self, sub: str, config) -> None:
+        """Turn 'best'/'last' into a file of this run's logs; check that the file exists."""
+        given = config.ckpt_path
+        logger = config.trainer.get("logger")
+        init = getattr(logger, "init_args", None)
+        root = Path(init.save_dir) / (init.name or "") if init is not None and init.get("save_dir") else None
+        if given in ("best", "last") and root is not None:
+            path = newest_checkpoint(root, given)
+            if path is None and sub == "fit":
+                print(f"No '{given}' checkpoint under {root}: training starts from scratch.")
+                config.ckpt_path = None
+                return
+            if path is None:
+                raise UserError(
+                    f"--ckpt_path={given}: no {given} checkpoint under {root}/*/checkpoints "
+                    "(train first with `fit` and the same --config, or give a .ckpt path)"
+                )
+            if sub == "fit" and init.get("version") is None:
+                init.version = path.parent.parent.name  # resume in the same log folder
+            print(f"Using checkpoint {path}")
+            config.ckpt_path = str(path)
+        elif not Path(given).is_file():
+            raise UserError(
+                f"--ckpt_path={given}: file not found (give a .ckpt file written by `fit`, "
+                "e.g. logs/<run>/version_0/checkpoints/last.ckpt, or 'best' / 'last')"
+            )
+
+    def _parse_ckpt_path(self) -> None:
+        path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as err:
+            raise UserError(
+                f"{path}: refused to load: it holds objects that safe loading "
+                f"(torch.load(weights_only=True)) does not allow ({str(err).splitlines()[0][:120]}). "
+                "Only checkpoints written by this project are accepted"
+            )
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+            raise UserError(
+                f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:120]}); "
+                "it may be truncated: use another .ckpt file"
+            )
+
+
+def main(args=None) -> None:
+    kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.is_file() else {}
+    try:
+        CLI(
+            Classifier,
+            InMemoryDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},
+            args=args,
+        )
+    except UserError as err:
+        if os.environ.get(DEBUG):
+            raise
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as err:
+        if os.environ.get(DEBUG) or "loading state_dict" not in str(err):
+            raise
+        print(f"ERROR: the checkpoint does not fit this model ({str(err).splitlines()[1].strip()[:200]}); "
+              "use a checkpoint trained with the same backbone and sizes", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
