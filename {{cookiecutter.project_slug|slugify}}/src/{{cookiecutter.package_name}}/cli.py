@@ -79,27 +79,33 @@ class CLI(LightningCLI):
                 f"{path}: refused to load: it holds objects that safe loading "
                 f"(torch.load(weights_only=True)) does not allow ({str(err).splitlines()[0][:120]}). "
                 "Only checkpoints written by this project are accepted"
-            )
+            ) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
             raise UserError(
                 f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:120]}); "
                 "it may be truncated: use another .ckpt file"
-            )
+            ) from None
+
+
+def run(args=None) -> CLI:
+    """Parse `args` (default: sys.argv), build everything and run the subcommand."""
+    kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.is_file() else {}
+    return CLI(
+        Classifier,
+        InMemoryDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},
+        args=args,
+    )
 
 
 def main(args=None) -> None:
-    kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.is_file() else {}
+    """`run`, with user mistakes reported as one ERROR line and exit code 1."""
     try:
-        CLI(
-            Classifier,
-            InMemoryDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=42,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},
-            args=args,
-        )
+        run(args)
     except UserError as err:
         if os.environ.get(DEBUG):
             raise

@@ -5,7 +5,7 @@ pickled objects and load with `torch.load(weights_only=True)`.
 """
 
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import lightning as L
 import torch
@@ -37,7 +37,7 @@ class Classifier(L.LightningModule):
         self,
         num_classes: int = 10,
         input_shape: tuple[int, ...] = (1, 28, 28),
-        class_names: Optional[list[str]] = None,
+        class_names: list[str] | None = None,
         backbone: Literal["mlp", "cnn"] = "mlp",
         width: int = 256,
         depth: int = 2,

@@ -1,0 +1,225 @@
+"""Your own data: a CSV table of numeric features, or a folder of images per class.
+
+Both read everything once into memory. Splits come from you (`train`/`val`/`test` files
+or folders) or are cut reproducibly from the training data by fraction and seed.
+Class names are sorted (numerically when they are all integers): label k is the k-th.
+"""
+
+import csv
+import math
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError
+from .batches import InMemoryDataModule, split_indices
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def sort_classes(names) -> list[str]:
+    names = set(names)
+    numeric = all(n.lstrip("-").isdigit() for n in names)
+    return sorted(names, key=int if numeric else str)
+
+
+class _ReadOnce(InMemoryDataModule):
+    """Reads all samples on first use (`samples`), then splits them in `setup`.
+
+    A subclass defines `read()`, returning ({split: (x, label names)}, location), with at
+    least a 'train' split.
+    """
+
+    def __init__(self, val_fraction, test_fraction, batch_size, num_workers, seed):
+        super().__init__(batch_size, num_workers)
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise UserError(
+                f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in "
+                "[0, 1) and together less than 1"
+            )
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+
+    @cached_property
+    def samples(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+        parts, where = self.read()
+        classes = sort_classes(name for _, names in parts.values() for name in names)
+        if len(classes) < 2:
+            raise UserError(f"{where}: found {len(classes)} class(es) {classes}; a classifier needs at least two")
+        index = {name: k for k, name in enumerate(classes)}
+        tensors = {s: (x, torch.tensor([index[n] for n in names])) for s, (x, names) in parts.items()}
+        return tensors, classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.samples[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.samples[0]["train"][0].shape[1:])
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        parts = dict(self.samples[0])
+        x, y = parts["train"]
+        missing = [s for s in ("val", "test") if s not in parts]
+        *cuts, rest = split_indices(len(y), tuple(self.fractions[s] for s in missing), self.seed)
+        parts.update({s: (x[i], y[i]) for s, i in zip(missing, cuts)})
+        parts["train"] = (x[rest], y[rest])
+        self.set_splits(*(parts[s] for s in SPLITS))
+
+
+class CSVDataModule(_ReadOnce):
+    """Rows of numeric features with a label column (labels may be strings).
+
+    Args:
+        path: a CSV file, or a folder with train.csv (and optionally val.csv, test.csv).
+        label_column: the column holding the class of each row.
+        feature_columns: the columns used as inputs; default: all others.
+        val_fraction, test_fraction: parts cut from the training rows when no val/test file.
+        batch_size, num_workers: as for the DataLoader.
+        seed: seed of the split.
+    """
+
+    def __init__(
+        self,
+        path: str = "data/table.csv",
+        label_column: str = "label",
+        feature_columns: list[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        super().__init__(val_fraction, test_fraction, batch_size, num_workers, seed)
+        self.save_hyperparameters()
+
+    def read(self):
+        path = Path(self.hparams.path)
+        if path.is_dir():
+            files = {s: path / f"{s}.csv" for s in SPLITS if (path / f"{s}.csv").is_file()}
+            if "train" not in files:
+                raise UserError(f"{path}: no train.csv in this folder (add it, or set --data.path to a CSV file)")
+        elif path.is_file():
+            files = {"train": path}
+        else:
+            raise UserError(f"{path}: file not found (set --data.path to your CSV file)")
+        return {s: self._read_file(f) for s, f in files.items()}, str(path)
+
+    def _read_file(self, path: Path) -> tuple[torch.Tensor, list[str]]:
+        label = self.hparams.label_column
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if label not in header:
+                raise UserError(f"{path}: no label column {label!r}; columns: {header} (set --data.label_column)")
+            features = self.hparams.feature_columns or [c for c in header if c != label]
+            absent = [c for c in features if c not in header]
+            if absent or not features:
+                raise UserError(
+                    f"{path}: feature columns {absent or features} not found; columns: {header} "
+                    "(set --data.feature_columns)"
+                )
+            rows, labels = [], []
+            for line, row in enumerate(reader, start=2):
+                rows.append([self._number(row.get(c), path, line, c) for c in features])
+                if not (row.get(label) or "").strip():
+                    raise UserError(f"{path}:{line}: the label is empty (fill it in or remove the row)")
+                labels.append(row[label].strip())
+        if not rows:
+            raise UserError(f"{path}: the file has a header but no rows")
+        return torch.tensor(rows, dtype=torch.float32), labels
+
+    @staticmethod
+    def _number(text: str | None, path: Path, line: int, column: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not math.isfinite(value):
+            raise UserError(
+                f"{path}:{line}: column {column!r} holds {text!r}, not a finite number "
+                "(fix the value, drop the row, or leave the column out with --data.feature_columns)"
+            )
+        return value
+
+
+class ImageFolderDataModule(_ReadOnce):
+    """Images in one sub-folder per class: `root/<class>/*.png` (or .jpg, ...).
+
+    Args:
+        root: the folder of class folders, or of `train/`, `val/`, `test/` folders of them.
+        image_size: [height, width] to resize every image to; required when sizes differ.
+        grayscale: read images as one grey channel instead of RGB.
+        val_fraction, test_fraction: parts cut from the training images when no val/test folder.
+        batch_size, num_workers: as for the DataLoader.
+        seed: seed of the split.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/images",
+        image_size: tuple[int, int] | None = None,
+        grayscale: bool = False,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        super().__init__(val_fraction, test_fraction, batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        self._first = None  # (path, size) of the first image read, to report mixed sizes
+
+    def read(self):
+        root = Path(self.hparams.root)
+        if not root.is_dir():
+            raise UserError(f"{root}: folder not found (set --data.root to your image folder)")
+        if (root / "train").is_dir():
+            folders = {s: root / s for s in SPLITS if (root / s).is_dir()}
+        else:
+            folders = {"train": root}
+        return {s: self._read_folder(f) for s, f in folders.items()}, str(root)
+
+    def _read_folder(self, folder: Path) -> tuple[torch.Tensor, list[str]]:
+        classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise UserError(f"{folder}: no class folders; put each class's images in {folder}/<class name>/")
+        images, labels = [], []
+        for d in classes:
+            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UserError(f"{d}: class folder has no images (.png, .jpg, ...); add images or remove the folder")
+            images += [self._read_image(p) for p in files]
+            labels += [d.name] * len(files)
+        return torch.stack(images), labels
+
+    def _read_image(self, path: Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if self.hparams.grayscale else "RGB")
+                if self.hparams.image_size:
+                    height, width = self.hparams.image_size
+                    image = image.resize((width, height), Image.BILINEAR)
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"{path}: not a readable image ({err}); replace or remove it") from None
+        if self._first is None:
+            self._first = (path, image.size)
+        elif image.size != self._first[1]:
+            (w0, h0), (w, h) = self._first[1], image.size
+            raise UserError(
+                f"{path}: image is {w}x{h} but {self._first[0]} is {w0}x{h0}; "
+                f"set --data.image_size='[{h0}, {w0}]' to resize all images to one size"
+            )
+        channels = len(image.getbands())
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return pixels.reshape(image.size[1], image.size[0], channels).permute(2, 0, 1)

@@ -1,0 +1,152 @@
+"""MNIST, Fashion-MNIST and Kuzushiji-MNIST: 28x28 grey images in ten classes."""
+
+from pathlib import Path
+from typing import Literal
+
+from ..errors import UserError
+from .batches import InMemoryDataModule, split_indices
+from .idx import download, read_idx
+
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # fmt: skip
+
+# Per dataset: torchvision's folder name (so its downloads are found too), the public
+# mirrors, the MD5 of each .gz file as served there, extra folders to look in, class names.
+DATASETS = {
+    "mnist": {
+        "folder": "MNIST",
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                    "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        "md5": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
+        "also": [],
+        "classes": [str(d) for d in range(10)],
+    },
+    "fashion_mnist": {
+        "folder": "FashionMNIST",
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "md5": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"],
+        # Debian's and Ubuntu's `dataset-fashion-mnist` package.
+        "also": ["/usr/share/datasets/fashion-mnist"],
+        "classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    },
+    "kmnist": {
+        "folder": "KMNIST",
+        "mirrors": ["http://codh.rois.ac.jp/kmnist/dataset/kmnist/"],
+        "md5": ["bdb82020997e1d708af4cf47b453dcf7", "e144d726b3acfaa3e44228e80efcd344",
+                "5c965bf0a639b31b8f53240b1b52f4d7", "7320c461ea6c1c855c0b718fb2a4b134"],
+        "also": [],
+        "classes": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+    },
+}  # fmt: skip
+
+
+class MNISTDataModule(InMemoryDataModule):
+    """One of the MNIST family, read from IDX files and held in memory.
+
+    Args:
+        data_dir: where files are looked for and downloaded to (`<data_dir>/<name>/`).
+        name: which dataset.
+        batch_size: samples per batch.
+        val_size: images taken from the training set for validation (a fixed split).
+        num_workers: DataLoader processes; 0 is fastest for data already in memory.
+        download: fetch missing files from the public mirrors (MD5-checked).
+        mirror: a base URL to download from instead of the public mirrors.
+        seed: seed of the train/validation split.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        name: Literal["mnist", "fashion_mnist", "kmnist"] = "mnist",
+        batch_size: int = 64,
+        val_size: int = 5000,
+        num_workers: int = 0,
+        download: bool = True,
+        mirror: str | None = None,
+        seed: int = 42,
+    ):
+        super().__init__(batch_size, num_workers)
+        self.save_hyperparameters()
+        self.info = DATASETS[name]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, 28, 28)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info["classes"]
+
+    def _folders(self) -> list[Path]:
+        root = Path(self.hparams.data_dir)
+        return [root / self.hparams.name, root / self.info["folder"] / "raw",
+                *map(Path, self.info["also"])]  # fmt: skip
+
+    def _find(self, stem: str) -> Path | None:
+        for folder in self._folders():
+            for path in (folder / stem, folder / f"{stem}.gz"):
+                if path.is_file():
+                    return path
+        return None
+
+    def prepare_data(self) -> None:
+        missing = [(stem, md5) for stem, md5 in zip(FILES, self.info["md5"]) if not self._find(stem)]
+        failures = []
+        if self.hparams.download:
+            mirrors = [self.hparams.mirror] if self.hparams.mirror else self.info["mirrors"]
+            for stem, md5 in missing:
+                target = Path(self.hparams.data_dir) / self.hparams.name / f"{stem}.gz"
+                for mirror in mirrors:
+                    try:
+                        download(mirror.rstrip("/") + f"/{stem}.gz", target, md5)
+                        break
+                    except (OSError, UserError) as err:
+                        failures.append(f"{mirror}: {getattr(err, 'reason', err)}")
+        self._require_files(failures)
+
+    def _require_files(self, failures: list[str] = ()) -> None:
+        still = [stem for stem in FILES if not self._find(stem)]
+        if still:
+            where = ", ".join(str(f) for f in self._folders())
+            tried = f" Download failed ({'; '.join(failures)})." if failures else ""
+            raise UserError(
+                f"{self.hparams.name}: missing {', '.join(s + '[.gz]' for s in still)}; "
+                f"looked in {where}.{tried} Fix: connect to the internet and keep "
+                f"download=true, or copy the files into {Path(self.hparams.data_dir) / self.hparams.name}/"
+            )
+
+    def _load(self, images: str, labels: str):
+        x, y = read_idx(self._find(images)), read_idx(self._find(labels)).long()
+        if x.dim() != 3 or y.dim() != 1:
+            raise UserError(f"{self._find(images)}: expected N x 28 x 28 images and N labels")
+        if len(x) != len(y):
+            raise UserError(
+                f"{self._find(images)} has {len(x)} images but {self._find(labels)} has "
+                f"{len(y)} labels; replace both files with a matching pair"
+            )
+        if len(y) and int(y.max()) >= self.num_classes:
+            raise UserError(
+                f"{self._find(labels)}: label {int(y.max())} is out of range "
+                f"0..{self.num_classes - 1}; the file is not a {self.hparams.name} label file"
+            )
+        return x.unsqueeze(1), y
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        self._require_files()
+        x, y = self._load(FILES[0], FILES[1])
+        if not 0 < self.hparams.val_size < len(y):
+            raise UserError(
+                f"val_size={self.hparams.val_size} must be between 1 and {len(y) - 1}, "
+                "the number of training images minus one (set --data.val_size)"
+            )
+        val, train = split_indices(len(y), (self.hparams.val_size / len(y),), self.hparams.seed)
+        self.set_splits((x[train], y[train]), (x[val], y[val]), self._load(FILES[2], FILES[3]))
