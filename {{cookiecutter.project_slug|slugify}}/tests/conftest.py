@@ -60,11 +60,36 @@ def run_cli(*args: str) -> None:
 
 def run_train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run `python train.py ARGS` in a fresh process, for exit codes and output."""
+    # The package's source first, so that it is found without `pip install -e .` too.
+    pythonpath = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off"},
+        env={**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONPATH": pythonpath},
     )
+
+
+def write_table(path: Path, rows: int = 60) -> Path:
+    """A CSV of three numeric features and a named label ('a', 'b', 'c') that they determine."""
+    g = torch.Generator().manual_seed(2)
+    lines = ["x1,x2,x3,label"]
+    for i in range(rows):
+        k = i % 3
+        x = (torch.randn(3, generator=g) * 0.1 + torch.tensor([k, -k, 1.0])).tolist()
+        lines.append(",".join(f"{v:.4f}" for v in x) + f",{'abc'[k]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_images(root: Path, per_class: int = 6, size: int = 12) -> Path:
+    """root/<red|blue>/*.png: small RGB images whose class is their colour."""
+    from PIL import Image
+
+    for name, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), tuple(c + 3 * i for c in colour)).save(root / name / f"{i}.png")
+    return root

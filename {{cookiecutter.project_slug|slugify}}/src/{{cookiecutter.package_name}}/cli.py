@@ -102,14 +102,23 @@ def run(args=None) -> CLI:
     )
 
 
+def user_error(err: BaseException | None) -> UserError | None:
+    """`err` if it is a UserError, else the UserError it wraps: jsonargparse re-raises errors
+    from building the model or the data as `raise ValueError(...) from err`."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__
+    return err
+
+
 def main(args=None) -> None:
     """`run`, with user mistakes reported as one ERROR line and exit code 1."""
     try:
         run(args)
-    except UserError as err:
-        if os.environ.get(DEBUG):
+    except (UserError, ValueError) as err:
+        mistake = user_error(err)
+        if mistake is None or os.environ.get(DEBUG):
             raise
-        print(f"ERROR: {err}", file=sys.stderr)
+        print(f"ERROR: {mistake}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as err:
         if os.environ.get(DEBUG) or "loading state_dict" not in str(err):

@@ -6,6 +6,7 @@ Class names are sorted (numerically when they are all integers): label k is the 
 """
 
 import csv
+import io
 import math
 from functools import cached_property
 from pathlib import Path
@@ -117,7 +118,11 @@ class CSVDataModule(_ReadOnce):
 
     def _read_file(self, path: Path) -> tuple[torch.Tensor, list[str]]:
         label = self.hparams.label_column
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err}); save it as CSV in UTF-8") from None
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             if label not in header:
@@ -130,7 +135,8 @@ class CSVDataModule(_ReadOnce):
                     "(set --data.feature_columns)"
                 )
             rows, labels = [], []
-            for line, row in enumerate(reader, start=2):
+            for row in reader:
+                line = reader.line_num  # counts blank lines, which the reader skips
                 rows.append([self._number(row.get(c), path, line, c) for c in features])
                 if not (row.get(label) or "").strip():
                     raise UserError(f"{path}:{line}: the label is empty (fill it in or remove the row)")

@@ -1,5 +1,6 @@
 """MNIST, Fashion-MNIST and Kuzushiji-MNIST: 28x28 grey images in ten classes."""
 
+from http.client import HTTPException
 from pathlib import Path
 from typing import Literal
 
@@ -107,7 +108,7 @@ class MNISTDataModule(InMemoryDataModule):
                     try:
                         download(mirror.rstrip("/") + f"/{stem}.gz", target, md5)
                         break
-                    except (OSError, UserError) as err:
+                    except (OSError, ValueError, HTTPException, UserError) as err:  # ValueError: not a URL
                         failures.append(f"{mirror}: {getattr(err, 'reason', err)}")
         self._require_files(failures)
 
@@ -124,8 +125,11 @@ class MNISTDataModule(InMemoryDataModule):
 
     def _load(self, images: str, labels: str):
         x, y = read_idx(self._find(images)), read_idx(self._find(labels)).long()
-        if x.dim() != 3 or y.dim() != 1:
-            raise UserError(f"{self._find(images)}: expected N x 28 x 28 images and N labels")
+        if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28) or y.dim() != 1:
+            raise UserError(
+                f"{self._find(images)} holds {tuple(x.shape)} values and {self._find(labels)} {tuple(y.shape)}; "
+                "expected N x 28 x 28 images and N labels (replace both files with a matching pair)"
+            )
         if len(x) != len(y):
             raise UserError(
                 f"{self._find(images)} has {len(x)} images but {self._find(labels)} has "

@@ -1,0 +1,215 @@
+"""Baking the template: which files come out, what they say, and that the result lints clean."""
+
+import datetime
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from conftest import relative_files
+
+# Every file a baked project has, for package `{pkg}`, with the license and the workflow on.
+EXPECTED_FILES = [
+    ".github/workflows/ci.yml",
+    ".gitignore",
+    "LICENSE",
+    "README.md",
+    "configs/custom_csv.yaml",
+    "configs/custom_images.yaml",
+    "configs/fashion_mnist_cnn.yaml",
+    "configs/mnist_cnn.yaml",
+    "configs/mnist_mlp.yaml",
+    "pyproject.toml",
+    "src/{pkg}/__init__.py",
+    "src/{pkg}/cli.py",
+    "src/{pkg}/data/__init__.py",
+    "src/{pkg}/data/batches.py",
+    "src/{pkg}/data/custom.py",
+    "src/{pkg}/data/idx.py",
+    "src/{pkg}/data/mnist.py",
+    "src/{pkg}/errors.py",
+    "src/{pkg}/models/__init__.py",
+    "src/{pkg}/models/classifier.py",
+    "src/{pkg}/models/nets.py",
+    "tests/conftest.py",
+    "tests/test_idx.py",
+    "tests/test_mnist_data.py",
+    "train.py",
+]
+
+LICENSES = ["MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"]
+
+# Phrases only the full text of each license has.
+LICENSE_PHRASES = {
+    "MIT": ["MIT License", "Permission is hereby granted, free of charge, to any person"],
+    "Apache-2.0": [
+        "Apache License",
+        "Version 2.0, January 2004",
+        "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION",
+    ],
+    "BSD-3-Clause": [
+        "BSD 3-Clause License",
+        "Neither the name of the copyright holder nor the names of its",
+    ],
+}
+
+DEPENDENCIES = {"torch", "lightning", "torchmetrics", "tensorboard", "jsonargparse", "pillow"}
+
+
+def expected_files(package: str, license: str = "MIT", github_actions: str = "yes") -> set[str]:
+    files = {path.format(pkg=package) for path in EXPECTED_FILES}
+    if license == "Proprietary":
+        files.remove("LICENSE")
+    if github_actions == "no":
+        files = {path for path in files if not path.startswith(".github/")}
+    return files
+
+
+def leftovers(project: Path) -> list[str]:
+    """Unrendered Jinja or template words in any path or text file of the baked project."""
+    found = []
+    for path in sorted(project.rglob("*")):
+        relative = path.relative_to(project).as_posix()
+        texts = [("path", relative)]
+        if path.is_file():
+            try:
+                texts.append(("text", path.read_text(encoding="utf-8")))
+            except UnicodeDecodeError:
+                pass  # binary file: nothing Jinja could have left in it
+        for kind, text in texts:
+            for marker in ("{{", "{%", "cookiecutter"):
+                if marker in text:
+                    found.append(f"{relative} ({kind}): {marker!r}")
+    return found
+
+
+def read_pyproject(project: Path) -> dict:
+    with (project / "pyproject.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def ruff(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args, "--no-cache", "."],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_default_bake(bake):
+    result = bake()
+
+    assert result.exit_code == 0, result.exception
+    assert result.exception is None
+    project = result.project_path
+    assert project.name == "lightning-project"
+    assert project.is_dir()
+    assert relative_files(project) == expected_files("lightning_project")
+    assert leftovers(project) == []
+
+    meta = read_pyproject(project)["project"]
+    assert meta["name"] == "lightning-project"
+    assert meta["description"] == "Image and table classifiers trained with PyTorch Lightning"
+    assert meta["authors"] == [{"name": "Your Name", "email": "you@example.com"}]
+    assert meta["license"] == "MIT"
+    assert meta["scripts"] == {"lightning-project": "lightning_project.cli:main"}
+
+
+@pytest.mark.parametrize("github_actions", ["yes", "no"])
+@pytest.mark.parametrize("license", LICENSES)
+def test_every_option_bakes_the_expected_files(bake, license, github_actions):
+    result = bake(project_name="Digit Lab", license=license, github_actions=github_actions)
+
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    assert project.name == "digit-lab"
+    assert relative_files(project) == expected_files("digit_lab", license, github_actions)
+    assert (project / ".github").exists() == (github_actions == "yes")
+    assert leftovers(project) == []
+    assert ruff(project, "check").returncode == 0
+
+
+@pytest.mark.parametrize("license", ["MIT", "Apache-2.0", "BSD-3-Clause"])
+def test_license_text_matches_the_choice(bake, license):
+    year_before = datetime.datetime.now(datetime.UTC).year
+    result = bake(license=license, author_name="Ada Lovelace")
+    year_after = datetime.datetime.now(datetime.UTC).year
+
+    text = (result.project_path / "LICENSE").read_text(encoding="utf-8")
+    for phrase in LICENSE_PHRASES[license]:
+        assert phrase in text
+    for other, phrases in LICENSE_PHRASES.items():
+        if other != license:
+            assert phrases[0] not in text, f"{license} LICENSE holds {other} text"
+    copyright_lines = [line for line in text.splitlines() if "Ada Lovelace" in line]
+    assert copyright_lines, "the author is not named in LICENSE"
+    assert any(
+        line.strip().startswith("Copyright") and str(year) in line
+        for line in copyright_lines
+        for year in {year_before, year_after}
+    ), copyright_lines
+    assert read_pyproject(result.project_path)["project"]["license"] == license
+
+
+def test_proprietary_has_no_license_file_or_field(bake):
+    result = bake(license="Proprietary")
+
+    assert result.exit_code == 0, result.exception
+    assert not (result.project_path / "LICENSE").exists()
+    assert "license" not in read_pyproject(result.project_path)["project"]
+
+
+def test_pyproject_dependencies(bake):
+    meta = read_pyproject(bake().project_path)["project"]
+
+    requirements = {Requirement(line).name.lower(): Requirement(line) for line in meta["dependencies"]}
+    assert set(requirements) == DEPENDENCIES
+    lightning = requirements["lightning"].specifier
+    assert lightning.contains("2.6.6") and not lightning.contains("2.6.5")
+    optional = [
+        Requirement(line).name.lower() for lines in meta.get("optional-dependencies", {}).values() for line in lines
+    ]
+    assert "torchvision" not in optional
+
+
+def test_custom_project_name_sets_slug_and_package(bake):
+    result = bake(project_name="Digit Lab")
+
+    assert result.exit_code == 0, result.exception
+    assert result.context["project_slug"] == "digit-lab"
+    assert result.context["package_name"] == "digit_lab"
+    project = result.project_path
+    assert project.name == "digit-lab"
+    assert (project / "src" / "digit_lab" / "__init__.py").is_file()
+    meta = read_pyproject(project)["project"]
+    assert meta["name"] == "digit-lab"
+    assert meta["scripts"] == {"digit-lab": "digit_lab.cli:main"}
+    assert "from digit_lab." in (project / "train.py").read_text()
+    stale = [
+        path
+        for path in relative_files(project)
+        if "lightning_project" in path or "lightning_project" in (project / path).read_text(errors="replace")
+    ]
+    assert stale == []
+
+
+def test_baked_project_passes_ruff(bake):
+    project = bake(project_name="Digit Lab").project_path
+
+    check = ruff(project, "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    fmt = ruff(project, "format", "--check")
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_github_workflow_is_valid_yaml(bake):
+    project = bake(github_actions="yes").project_path
+
+    workflow = yaml.safe_load((project / ".github" / "workflows" / "ci.yml").read_text())
+    assert isinstance(workflow, dict) and workflow.get("jobs"), workflow

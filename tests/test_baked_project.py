@@ -1,0 +1,63 @@
+"""A baked project installs into a fresh virtual environment and passes its own test suite.
+
+Offline on purpose: the new environment has no packages of its own and sees this environment's
+(pip, setuptools, torch, lightning, ...) through a .pth file, and the project is installed with
+--no-deps --no-build-isolation, so pip downloads nothing. (`venv --system-site-packages` would
+not do: made from a virtual environment's Python it exposes the base interpreter's site-packages,
+not this one's; and a venv with its own pip gets the old setuptools that ensurepip bundles.)
+"""
+
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run(command: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def make_venv(path: Path) -> Path:
+    """A virtual environment made by this interpreter that sees this environment's packages."""
+    made = run([sys.executable, "-m", "venv", "--without-pip", str(path)], cwd=path.parent)
+    assert made.returncode == 0, made.stderr
+    python = path / "bin" / "python"
+    found = run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], path)
+    assert found.returncode == 0, found.stderr
+    (Path(found.stdout.strip()) / "outer-env.pth").write_text("\n".join(site.getsitepackages()))
+    return python
+
+
+def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
+    result = bake(project_name="Digit Lab")
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    python = make_venv(tmp_path / "venv")
+
+    install = run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(project)],
+        cwd=tmp_path,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    where = run([str(python), "-c", "import digit_lab; print(digit_lab.__file__)"], cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).resolve() == project / "src" / "digit_lab" / "__init__.py"
+
+    script = run([str(python.parent / "digit-lab"), "--help"], cwd=tmp_path)
+    assert script.returncode == 0, script.stdout + script.stderr
+    assert "fit" in script.stdout
+
+    tests = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project)
+    lines = tests.stdout.strip().splitlines()
+    summary = lines[-1] if lines else "(no output)"
+    tail = "\n".join(lines[-40:]) + tests.stderr[-2000:]
+    assert tests.returncode == 0, f"baked project's tests: {summary}\n{tail}"
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
+    print(f"baked project's tests: {summary}")
