@@ -2,9 +2,10 @@
 
 Offline on purpose: the new environment has no packages of its own and sees this environment's
 (pip, setuptools, torch, lightning, ...) through a .pth file, and the project is installed with
---no-deps --no-build-isolation, so pip downloads nothing. (`venv --system-site-packages` would
-not do: made from a virtual environment's Python it exposes the base interpreter's site-packages,
-not this one's; and a venv with its own pip gets the old setuptools that ensurepip bundles.)
+--no-index --no-deps --no-build-isolation, so pip downloads nothing.
+(`venv --system-site-packages` would not do: made from a virtual environment's Python it exposes
+the base interpreter's site-packages, not this one's; and a venv with its own pip gets the old
+setuptools that ensurepip bundles, too old for the SPDX license string.)
 """
 
 import os
@@ -41,7 +42,7 @@ def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
     python = make_venv(tmp_path / "venv")
 
     install = run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(project)],
+        [str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", str(project)],
         cwd=tmp_path,
     )
     assert install.returncode == 0, install.stdout + install.stderr

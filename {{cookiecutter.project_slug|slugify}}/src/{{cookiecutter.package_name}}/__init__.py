@@ -1,1 +1,1 @@
-"""{{ cookiecutter.project_name | replace("\\", "\\\\") | replace('"', '\\"') }}: {{ cookiecutter.description | replace("\\", "\\\\") | replace('"', '\\"') }}"""
+"""Classifiers trained with PyTorch Lightning: models, data and the command line."""

@@ -9,6 +9,7 @@ and mistakes come out as one `ERROR:` line instead of a traceback.
 import os
 import pickle
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -77,13 +78,12 @@ class CLI(LightningCLI):
         except pickle.UnpicklingError as err:
             raise UserError(
                 f"{path}: refused to load: it holds objects that safe loading "
-                f"(torch.load(weights_only=True)) does not allow ({str(err).splitlines()[0][:120]}). "
+                f"(torch.load(weights_only=True)) does not allow ({brief(err)}). "
                 "Only checkpoints written by this project are accepted"
             ) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
             raise UserError(
-                f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:120]}); "
-                "it may be truncated: use another .ckpt file"
+                f"{path}: not a readable checkpoint ({brief(err)}); it may be truncated: use another .ckpt file"
             ) from None
 
 
@@ -102,27 +102,34 @@ def run(args=None) -> CLI:
     )
 
 
-def user_error(err: BaseException | None) -> UserError | None:
-    """`err` if it is a UserError, else the UserError it wraps: jsonargparse re-raises errors
-    from building the model or the data as `raise ValueError(...) from err`."""
-    while err is not None and not isinstance(err, UserError):
+def brief(err: object) -> str:
+    """The first line of an exception's message, cut at a word boundary."""
+    return textwrap.shorten(str(err).splitlines()[0] if str(err) else type(err).__name__, 160)
+
+
+def explain(err: BaseException | None) -> str | None:
+    """The one-line message for a user mistake behind `err`, or None if it is a bug.
+
+    jsonargparse re-raises errors from building the model or the data as
+    `ValueError(...) from err`, so the whole `__cause__` chain is searched.
+    """
+    while err is not None:
+        if isinstance(err, UserError):
+            return str(err)
+        if isinstance(err, RuntimeError) and "loading state_dict" in str(err):
+            detail = brief(str(err).split("\n", 1)[-1].strip())
+            return f"the checkpoint does not fit this model ({detail}); use one trained with the same backbone"
         err = err.__cause__
-    return err
+    return None
 
 
 def main(args=None) -> None:
     """`run`, with user mistakes reported as one ERROR line and exit code 1."""
     try:
         run(args)
-    except (UserError, ValueError) as err:
-        mistake = user_error(err)
-        if mistake is None or os.environ.get(DEBUG):
+    except Exception as err:
+        message = None if os.environ.get(DEBUG) else explain(err)
+        if message is None:
             raise
-        print(f"ERROR: {mistake}", file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as err:
-        if os.environ.get(DEBUG) or "loading state_dict" not in str(err):
-            raise
-        print(f"ERROR: the checkpoint does not fit this model ({str(err).splitlines()[1].strip()[:200]}); "
-              "use a checkpoint trained with the same backbone and sizes", file=sys.stderr)  # fmt: skip
+        print(f"ERROR: {message}", file=sys.stderr)
         sys.exit(1)
