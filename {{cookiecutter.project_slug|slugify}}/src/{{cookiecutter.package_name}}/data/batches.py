@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
+
 
 class TensorSamples(Dataset):
     """Samples `x[i]` with labels `y[i]`, indexed a whole batch at once."""
@@ -28,7 +30,7 @@ class TensorSamples(Dataset):
         return self.x[i], self.y[i]
 
     def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, device=self.x.device)
         return self.x[index], self.y[index]
 
 
@@ -52,10 +54,13 @@ class InMemoryDataModule(L.LightningDataModule):
     command line links into the model, so a user never types them twice.
     """
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0):
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, on_device: bool = False):
         super().__init__()
+        if on_device and num_workers:
+            raise UserError("on_device=true needs num_workers=0: worker processes cannot share GPU tensors")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.on_device = on_device
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean = self.std = None
 
@@ -68,6 +73,11 @@ class InMemoryDataModule(L.LightningDataModule):
         self.std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if self.on_device and self.trainer is not None:
+            # The whole split moves to the GPU once; batches are then cut out there and
+            # nothing crosses the PCIe bus per step.
+            device = self.trainer.strategy.root_device
+            self.splits[split] = tuple(t.to(device) for t in self.splits[split])
         return DataLoader(
             TensorSamples(*self.splits[split]),
             batch_size=self.batch_size,
@@ -91,5 +101,6 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return (x.float() - mean) / std, y
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float() - self.mean) / self.std, y

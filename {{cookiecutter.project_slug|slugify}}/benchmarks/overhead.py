@@ -1,0 +1,196 @@
+"""What does the project cost over a hand-written PyTorch loop? Prints a table; asserts nothing.
+
+    python benchmarks/overhead.py                     # Fashion-MNIST (or MNIST), CPU
+    python benchmarks/overhead.py --device cuda       # on a GPU
+    python benchmarks/overhead.py --epochs 2 --repeats 1 --dataset mnist
+
+In one process, alternating, each for --epochs epochs and --repeats rounds:
+  (a) the classic tutorial loop: DataLoader over a TensorDataset, Adam, CrossEntropyLoss,
+      loss.item() every step, an accuracy pass over the validation set each epoch;
+  (b) `train.py fit` with the shipped default config (logger, checkpoints, progress bar);
+  (c) `train.py fit` with a bare Trainer (no logger, checkpoints, progress bar or summary).
+Same network, data, batch size and seed. An epoch is timed from its first training batch
+to the start of the next epoch (validation and checkpointing included); the first epoch
+of every run is dropped as warm-up. Then a parity run (Adam-equivalent settings, same seed
+and data order) compares the final training loss, and the start-up cost of
+`python train.py --help` is compared with `python -c "import lightning"`.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from {{ cookiecutter.package_name }}.cli import run
+from {{ cookiecutter.package_name }}.data import MNISTDataModule
+from {{ cookiecutter.package_name }}.models import Classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_model_summary=false"]
+BARE = [
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+class EpochTimer(L.Callback):
+    """Records the start of every training epoch and the end of training."""
+
+    def __init__(self):
+        self.marks = []
+        self.last_loss = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.marks.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.last_loss = outputs["loss"]  # a tensor: reading it here would add a sync per step
+
+    def on_train_end(self, trainer, pl_module):
+        self.marks.append(time.perf_counter())
+
+    @property
+    def epochs(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks[:-1], self.marks[1:])]
+
+
+def load_data(args):
+    data = MNISTDataModule(args.data_dir, args.dataset, batch_size=args.batch_size, val_size=args.val_size)
+    data.prepare_data()
+    data.setup("fit")
+    # The tutorial's data: float tensors normalised once, exactly as our batches are.
+    normalise = lambda x: (x.float() - data.mean) / data.std  # noqa: E731
+    (xt, yt), (xv, yv) = data.splits["train"], data.splits["val"]
+    return (normalise(xt), yt), (normalise(xv), yv)
+
+
+def handwritten(train, val, args, max_steps=None):
+    """The loop of the PyTorch tutorial, with our network. Returns epoch times, last loss."""
+    L.seed_everything(args.seed, verbose=False)
+    model = Classifier(input_shape=(1, 28, 28), num_classes=10).to(args.device)
+    loader = DataLoader(TensorDataset(*train), batch_size=args.batch_size, shuffle=True)
+    val_loader = DataLoader(TensorDataset(*val), batch_size=args.batch_size)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times, step, loss_value = [], 0, None
+    for _ in range(1 if max_steps else args.epochs):
+        start = time.perf_counter()
+        model.train()
+        for x, y in loader:
+            x, y = x.to(args.device), y.to(args.device)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            step += 1
+            if max_steps and step == max_steps:
+                return times, loss_value
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                x, y = x.to(args.device), y.to(args.device)
+                correct += (model(x).argmax(1) == y).sum().item()
+        times.append(time.perf_counter() - start)
+    return times, loss_value
+
+
+def ours(args, extra):
+    """`train.py fit` in this process, with an EpochTimer appended to the callbacks."""
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    cli = run(
+        [
+            "fit",
+            f"--data.name={args.dataset}",
+            f"--data.data_dir={args.data_dir}",
+            f"--data.batch_size={args.batch_size}",
+            f"--data.val_size={args.val_size}",
+            f"--seed_everything={args.seed}",
+            f"--trainer.accelerator={accelerator}",
+            f"--trainer.max_epochs={args.epochs}",
+            *extra,
+            "--trainer.callbacks+=__main__.EpochTimer",
+        ]
+    )
+    timer = next(c for c in cli.trainer.callbacks if isinstance(c, EpochTimer))
+    return timer.epochs, timer.last_loss
+
+
+def startup_seconds(command: list[str], rounds: int = 5) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion_mnist", choices=["mnist", "fashion_mnist", "kmnist"])
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--parity-steps", type=int, default=300)
+    parser.add_argument("--startup-rounds", type=int, default=5)
+    args = parser.parse_args()
+    args.data_dir = str(Path(args.data_dir).resolve())
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    os.chdir(tempfile.mkdtemp(prefix="overhead-"))  # logs and checkpoints of the runs land here
+
+    train, val = load_data(args)
+    variants = {
+        "hand-written loop": lambda: handwritten(train, val, args),
+        "fit, default config": lambda: ours(args, QUIET),
+        "fit, bare Trainer": lambda: ours(args, BARE + ["--trainer.callbacks=[]"]),
+    }
+    epochs = {name: [] for name in variants}
+    for round_ in range(args.repeats):
+        for name, variant in variants.items():
+            times, _ = variant()
+            epochs[name] += times[1:] if len(times) > 1 else times
+            print(f"round {round_ + 1}: {name}: " + " ".join(f"{t:.2f}s" for t in times), flush=True)
+
+    # Parity: AdamW without weight decay is Adam; a constant schedule; the same seed and data order.
+    steps = args.parity_steps
+    _, theirs = handwritten(train, val, args, max_steps=steps)
+    parity = [f"--trainer.max_steps={steps}", "--model.weight_decay=0", "--model.scheduler=constant"]
+    _, mine = ours(args, BARE + parity + ["--trainer.callbacks=[]", "--trainer.limit_val_batches=0"])
+    mine = float(mine)
+
+    lightning_import = startup_seconds([sys.executable, "-c", "import lightning"], args.startup_rounds)
+    help_time = startup_seconds([sys.executable, "train.py", "--help"], args.startup_rounds)
+
+    base = statistics.median(epochs["hand-written loop"])
+    steps_per_epoch = -(-len(train[1]) // args.batch_size)
+    print(f"\n{args.dataset}, {len(train[1])} training images, batch {args.batch_size}, device {args.device}, "
+          f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'variant':<22} {'epoch (median)':>15} {'per step':>10} {'ratio':>7}")
+    for name, times in epochs.items():
+        median = statistics.median(times)
+        per_step = median / steps_per_epoch * 1000
+        print(f"{name:<22} {median:>14.2f}s {per_step:>8.2f}ms {median / base:>7.3f}")
+    verdict = "equal to 5 decimals" if round(theirs, 5) == round(mine, 5) else "DIFFERENT"
+    print(f"\nparity after {steps} steps: hand-written loss {theirs:.6f}, ours {mine:.6f}: {verdict}")
+    print(f"start-up: `train.py --help` {help_time:.2f}s, `import lightning` {lightning_import:.2f}s, "
+          f"ratio {help_time / lightning_import:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
