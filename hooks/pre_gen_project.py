@@ -18,7 +18,7 @@ EMAIL = {{ cookiecutter.author_email | jsonify }}
 # so from its root), and a package of the same name would shadow them.
 TAKEN = {
     "benchmarks", "configs", "data", "jsonargparse", "lightning", "lightning_fabric", "logs",
-    "numpy", "pil", "pytest", "pytorch_lightning", "scripts", "setuptools", "src",
+    "numpy", "pil", "probe", "pytest", "pytorch_lightning", "scripts", "setuptools", "src",
     "tensorboard", "test", "tests", "torch", "torchmetrics", "train", "yaml",
 }  # fmt: skip
 

@@ -62,3 +62,24 @@ def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
     assert tests.returncode == 0, f"baked project's tests: {summary}\n{tail}"
     assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
     print(f"baked project's tests: {summary}")
+
+
+def test_baked_project_passes_its_slow_tests(bake):
+    """The generated project's `slow` tests: DDP on two CPU processes, two torchrun "nodes",
+    the SLURM script, torch.compile. Run from the source folder, without installing."""
+    project = bake(project_name="Digit Lab").project_path
+    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "slow", "-p", "no:cacheprovider"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = tests.stdout.strip().splitlines()
+    summary = lines[-1] if lines else "(no output)"
+    tail = "\n".join(lines[-40:]) + tests.stderr[-2000:]
+    assert tests.returncode == 0, f"baked project's slow tests: {summary}\n{tail}"
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
+    print(f"baked project's slow tests: {summary}")

@@ -4,6 +4,10 @@ LightningCLI builds the model, the data and the Trainer from YAML and flags. Thi
 adds what a user should not have to think about: the data's class count and input shape
 flow into the model, `--ckpt_path=best|last` finds the newest such checkpoint of the run,
 and mistakes come out as one `ERROR:` line instead of a traceback.
+
+Hardware is the Trainer's business (configs/trainer/*.yaml); here only: TF32 matrix
+products on NVIDIA GPUs, bf16 falling back to float16 on GPUs without bfloat16, and one
+line at the start of `fit` with the effective batch size and the precision.
 """
 
 import os
@@ -13,7 +17,10 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import torch
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .data.batches import InMemoryDataModule
 from .errors import UserError
@@ -22,6 +29,78 @@ from .models import Classifier
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist_mlp.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """Print from the first process only: multi-GPU and multi-node runs start one process per device."""
+    print(message, flush=True)
+
+
+def uses_cuda(accelerator) -> bool:
+    """Whether a run with this `trainer.accelerator` computes on an NVIDIA GPU."""
+    return str(accelerator).lower() in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def supported_precision(precision) -> str:
+    """`precision`, or its float16 twin ('bf16-mixed' -> '16-mixed') on a GPU without bfloat16."""
+    precision = str(precision)
+    if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+        return precision.removeprefix("bf")
+    return precision
+
+
+def setup_hardware(trainer) -> None:
+    """Check the parsed `trainer` options against the machine and adapt them, before the Trainer is built."""
+    accelerator = str(trainer.accelerator).lower()
+    strategy = trainer.get("strategy")
+    strategy = str(getattr(strategy, "class_path", strategy)).lower()
+    cuda = uses_cuda(accelerator)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        raise UserError(
+            f"--trainer.accelerator={accelerator}, but PyTorch sees no GPU here (torch.cuda.is_available() is "
+            "False): use --config configs/trainer/cpu.yaml (or --trainer.accelerator=cpu), or install the CUDA "
+            "build of PyTorch (README, Install)"
+        )
+    if not cuda and (strategy.startswith("fsdp") or strategy.endswith("fsdpstrategy")):
+        raise UserError(
+            "FSDP runs on NVIDIA GPUs only (Lightning's FSDPStrategy refuses other accelerators); "
+            "on this machine use configs/trainer/ddp.yaml instead of configs/trainer/fsdp.yaml"
+        )
+    if not cuda and trainer.get("sync_batchnorm"):
+        raise UserError(
+            "--trainer.sync_batchnorm=true needs NVIDIA GPUs: PyTorch's SyncBatchNorm does not run on "
+            "this device; leave it false here (each process then normalises with its own batch statistics)"
+        )
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # float32 matrix products on the tensor cores (TF32)
+        precision = supported_precision(trainer.precision)
+        if precision != str(trainer.precision):
+            name = torch.cuda.get_device_name()
+            say(f"This GPU ({name}) has no bfloat16: precision {precision}, not {trainer.precision}")
+            trainer.precision = precision
+
+
+def describe_run(trainer, model) -> str:
+    """One line: the samples per optimizer step and how they are made, the precision and the strategy."""
+    batch = getattr(trainer.datamodule, "batch_size", None)
+    steps, devices, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
+    total = batch * steps * devices * nodes if isinstance(batch, int) else "?"
+    strategy = getattr(trainer.strategy, "strategy_name", None) or type(trainer.strategy).__name__
+    line = (
+        f"Effective batch size {total} = {batch} per device x {steps} accumulation x {devices} "
+        f"device{'s' * (devices != 1)} x {nodes} node{'s' * (nodes != 1)}; precision {trainer.precision}; "
+        f"strategy {strategy.removesuffix('Strategy').lower()}"
+    )
+    return line + ("; backbone compiled (torch.compile)" if model.hparams.get("compile") else "")
+
+
+class RunSummary(Callback):
+    """Prints `describe_run` once (first process) when `fit` starts."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            print(describe_run(trainer, pl_module), flush=True)
 
 
 def newest_checkpoint(root: Path, which: str) -> Path | None:
@@ -38,6 +117,18 @@ class CLI(LightningCLI):
         for name in ("num_classes", "input_shape", "class_names"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs):
+        # Lightning's default bar (Rich when installed) redraws on every step, which costs
+        # about as much as a small model's step; this one redraws every 20 steps.
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            config["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=20)]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        setup_hardware(self.config[self.subcommand].trainer)
+
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
@@ -53,7 +144,7 @@ class CLI(LightningCLI):
         if given in ("best", "last") and root is not None:
             path = newest_checkpoint(root, given)
             if path is None and sub == "fit":
-                print(f"No '{given}' checkpoint under {root}: training starts from scratch.")
+                say(f"No '{given}' checkpoint under {root}: training starts from scratch.")
                 config.ckpt_path = None
                 return
             if path is None:
@@ -63,7 +154,7 @@ class CLI(LightningCLI):
                 )
             if sub == "fit" and init.get("version") is None:
                 init.version = path.parent.parent.name  # resume in the same log folder
-            print(f"Using checkpoint {path}")
+            say(f"Using checkpoint {path}")
             config.ckpt_path = str(path)
         elif not Path(given).is_file():
             raise UserError(
@@ -97,6 +188,7 @@ def run(args=None) -> CLI:
         subclass_mode_data=True,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [RunSummary()]},  # added to the config's callbacks, never replaced
         parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},
         args=args,
     )

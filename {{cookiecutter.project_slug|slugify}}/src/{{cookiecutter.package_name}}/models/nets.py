@@ -7,6 +7,7 @@ checkpoint be fine-tuned on data with a different number of classes.
 
 import math
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -48,10 +49,70 @@ class ConvNet(nn.Sequential):
         self.out_features = c
 
 
-BACKBONES = {"mlp": MLP, "cnn": ConvNet}
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x)).
+
+    FSDP shards and checkpoints the network one `Block` at a time (configs/trainer/fsdp.yaml).
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
 
 
-def build_backbone(name: str, input_shape, width: int, depth: int, dropout: float) -> nn.Module:
+class ViT(nn.Module):
+    """A Vision Transformer: cut the image into `patch_size` squares, embed each as a
+    `width`-long token, add a learned position embedding, run `depth` blocks of `heads`
+    attention heads, and average the tokens."""
+
+    def __init__(self, input_shape, width: int, depth: int, dropout: float, heads: int = 4, patch_size: int = 7):
+        if len(input_shape) != 3:
+            raise UserError(
+                f"backbone 'vit' needs images (channels, height, width) but the data gives "
+                f"samples of shape {tuple(input_shape)}; use --model.backbone=mlp"
+            )
+        channels, height, wide = input_shape
+        if height % patch_size or wide % patch_size:
+            fits = [p for p in range(2, min(height, wide) + 1) if height % p == 0 and wide % p == 0]
+            raise UserError(
+                f"backbone 'vit': images of {height}x{wide} pixels do not divide into {patch_size}x{patch_size} "
+                f"patches; set --model.patch_size to one of {fits or [1]}"
+            )
+        if width % heads:
+            raise UserError(
+                f"backbone 'vit': width {width} is not divisible by heads {heads}; each head gets width/heads "
+                "features (e.g. --model.width=128 --model.heads=4)"
+            )
+        super().__init__()
+        self.patches = nn.Conv2d(channels, width, patch_size, stride=patch_size)  # one token per patch
+        tokens = (height // patch_size) * (wide // patch_size)
+        self.position = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+        self.blocks = nn.Sequential(*(Block(width, heads, dropout) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.out_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patches(x).flatten(2).transpose(1, 2) + self.position  # (batch, tokens, width)
+        return self.norm(self.blocks(x)).mean(dim=1)
+
+
+BACKBONES = {"mlp": MLP, "cnn": ConvNet, "vit": ViT}
+
+
+def build_backbone(
+    name: str, input_shape, width: int, depth: int, dropout: float, heads: int = 4, patch_size: int = 7
+) -> nn.Module:
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[name](tuple(input_shape), width, depth, dropout)
+    extra = {"heads": heads, "patch_size": patch_size} if name == "vit" else {}
+    return BACKBONES[name](tuple(input_shape), width, depth, dropout, **extra)
