@@ -120,6 +120,15 @@ class Classifier(L.LightningModule):
     def on_test_epoch_end(self):
         self._log_epoch("test")
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Under FSDP each process holds a shard of every gradient, so the norm must be taken
+        # across processes: FSDP's own clip_grad_norm_ does that (Lightning's does not).
+        fsdp = hasattr(self.trainer.model, "clip_grad_norm_")  # the root FullyShardedDataParallel
+        if fsdp and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
