@@ -24,6 +24,16 @@ def run(command: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedPro
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def assert_suite_passed(tests: subprocess.CompletedProcess, label: str) -> None:
+    """pytest exited 0 and its summary line reports passed tests and no failure or error."""
+    lines = tests.stdout.strip().splitlines()
+    summary = lines[-1] if lines else "(no output)"
+    tail = "\n".join(lines[-40:]) + tests.stderr[-2000:]
+    assert tests.returncode == 0, f"{label}: {summary}\n{tail}"
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
+    print(f"{label}: {summary}")
+
+
 def make_venv(path: Path) -> Path:
     """A virtual environment made by this interpreter that sees this environment's packages."""
     made = run([sys.executable, "-m", "venv", "--without-pip", str(path)], cwd=path.parent)
@@ -56,12 +66,7 @@ def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
     assert "fit" in script.stdout
 
     tests = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project)
-    lines = tests.stdout.strip().splitlines()
-    summary = lines[-1] if lines else "(no output)"
-    tail = "\n".join(lines[-40:]) + tests.stderr[-2000:]
-    assert tests.returncode == 0, f"baked project's tests: {summary}\n{tail}"
-    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
-    print(f"baked project's tests: {summary}")
+    assert_suite_passed(tests, "baked project's tests")
 
 
 def test_baked_project_passes_its_slow_tests(bake):
@@ -77,9 +82,4 @@ def test_baked_project_passes_its_slow_tests(bake):
         text=True,
         timeout=900,
     )
-    lines = tests.stdout.strip().splitlines()
-    summary = lines[-1] if lines else "(no output)"
-    tail = "\n".join(lines[-40:]) + tests.stderr[-2000:]
-    assert tests.returncode == 0, f"baked project's slow tests: {summary}\n{tail}"
-    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
-    print(f"baked project's slow tests: {summary}")
+    assert_suite_passed(tests, "baked project's slow tests")
