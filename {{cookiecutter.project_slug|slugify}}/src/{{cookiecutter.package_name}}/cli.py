@@ -99,8 +99,7 @@ class RunSummary(Callback):
     """Prints `describe_run` once (first process) when `fit` starts."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            print(describe_run(trainer, pl_module), flush=True)
+        say(describe_run(trainer, pl_module))
 
 
 def newest_checkpoint(root: Path, which: str) -> Path | None:

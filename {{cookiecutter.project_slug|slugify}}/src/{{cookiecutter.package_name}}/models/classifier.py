@@ -98,8 +98,9 @@ class Classifier(L.LightningModule):
 
     def _log_epoch(self, stage: str) -> None:
         # torchmetrics gathers the counts from every process before computing.
-        values = getattr(self, f"{stage}_metrics").compute()
-        getattr(self, f"{stage}_metrics").reset()
+        metrics = getattr(self, f"{stage}_metrics")
+        values = metrics.compute()
+        metrics.reset()
         self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
         if stage == "val":
             self.log("hp_metric", values["val/acc"], sync_dist=True)  # TensorBoard's HPARAMS tab
