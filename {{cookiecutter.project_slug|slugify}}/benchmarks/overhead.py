@@ -79,7 +79,10 @@ def handwritten(train, val, args, max_steps=None):
     """The loop of the PyTorch tutorial, with our network. Returns epoch times, last loss."""
     L.seed_everything(args.seed, verbose=False)
     model = Classifier(input_shape=(1, 28, 28), num_classes=10).to(args.device)
-    loader = DataLoader(TensorDataset(*train), batch_size=args.batch_size, shuffle=True)
+    # Our first epoch's data order (data/batches.py, EpochSampler), drawn like ours from generators
+    # of its own: the global RNG, which dropout uses, is left alone.
+    order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    loader = DataLoader(TensorDataset(*train), batch_size=args.batch_size, sampler=order, generator=torch.Generator())
     val_loader = DataLoader(TensorDataset(*val), batch_size=args.batch_size)
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

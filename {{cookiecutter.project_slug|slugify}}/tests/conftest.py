@@ -72,6 +72,16 @@ def run_train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+class Payload:
+    """Unpickling this object creates the file `path`: a stand-in for arbitrary code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def write_table(path: Path, rows: int = 60) -> Path:
     """A CSV of three numeric features and a named label ('a', 'b', 'c') that they determine."""
     g = torch.Generator().manual_seed(2)

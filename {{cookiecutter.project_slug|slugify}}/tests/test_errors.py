@@ -9,19 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, run_cli, run_train_py, write_table
+from conftest import ROOT, SMALL, Payload, run_cli, run_train_py, write_table
 
 MARKER = "UNPICKLED"  # a file that appears only if the payload below is ever unpickled
-
-
-class Payload:
-    """Unpickling this object creates the file `path`: a stand-in for arbitrary code."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 def broken_yaml(where: Path) -> None:

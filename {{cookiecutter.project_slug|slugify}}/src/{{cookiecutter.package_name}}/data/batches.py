@@ -12,7 +12,7 @@ normalises each batch there, which moves a quarter of the bytes of float32.
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError
 
@@ -34,6 +34,26 @@ class TensorSamples(Dataset):
         return self.x[index], self.y[index]
 
 
+class EpochSampler(Sampler[int]):
+    """Shuffles range(n) anew each epoch, in an order fixed by (seed, epoch), so that a run
+    resumed mid-epoch (`fit --ckpt_path=last`) can skip what it had already trained on."""
+
+    def __init__(self, n: int, seed: int, skip: dict[int, int]):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, skip  # skip: {epoch: samples to leave out}
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n  # the whole epoch: Lightning counts the skipped batches as done
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        skip = self.skip.pop(self.epoch, 0)
+        self.epoch += 1  # the next epoch, unless set_epoch says otherwise
+        return iter(order[skip:].tolist())
+
+
 def keep_batch(batch):
     """Collate function: `__getitems__` already returned a stacked batch."""
     return batch
@@ -45,6 +65,25 @@ def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch
     sizes = [round(n * f) for f in fractions]
     bounds = torch.tensor([0, *sizes]).cumsum(0).tolist() + [n]
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def labelled_subset(
+    y: torch.Tensor, samples_per_class: int | None, fraction: float, seed: int, class_names: list[str]
+) -> torch.Tensor:
+    """Indices of a reproducible, class-balanced part of labels `y`, in their original order:
+    `samples_per_class` of each class, or `fraction` of each class (at least one)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for k in range(len(class_names)):
+        members = (y == k).nonzero().flatten()
+        n = samples_per_class if samples_per_class is not None else max(1, round(fraction * len(members)))
+        if n > len(members):
+            raise UserError(
+                f"samples_per_class={samples_per_class}: class {class_names[k]!r} has only {len(members)} "
+                "training samples; lower --data.samples_per_class or use --data.train_fraction"
+            )
+        keep.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.cat(keep).sort().values
 
 
 class InMemoryDataModule(L.LightningDataModule):
@@ -62,10 +101,25 @@ class InMemoryDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.on_device = on_device
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ids: dict[str, list[str]] = {}  # a name per sample (file, line) where a split has one
         self.mean = self.std = None
+        self.labelled = (None, 1.0, 0)  # set by limit_training
+        self.shuffle_seed, self.resume_at, self.restored_seed = None, {}, None  # see state_dict
+
+    def limit_training(self, samples_per_class: int | None, train_fraction: float, seed: int) -> None:
+        """Keep only part of the training split (fine-tuning with few labels); val and test stay whole."""
+        if samples_per_class is not None and samples_per_class < 1:
+            raise UserError(f"samples_per_class={samples_per_class} must be at least 1 (or null: all samples)")
+        if not 0 < train_fraction <= 1:
+            raise UserError(f"train_fraction={train_fraction} must be in (0, 1]; 1 keeps every training sample")
+        self.labelled = (samples_per_class, train_fraction, seed)
 
     def set_splits(self, train, val, test) -> None:
         """Store the splits and the per-channel statistics of the training images."""
+        samples_per_class, fraction, seed = self.labelled
+        if samples_per_class is not None or fraction < 1:
+            index = labelled_subset(train[1], samples_per_class, fraction, seed, self.class_names)
+            train = (train[0][index], train[1][index])
         self.splits = {"train": train, "val": val, "test": test}
         x = train[0].float()
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 2 else [0]
@@ -78,14 +132,38 @@ class InMemoryDataModule(L.LightningDataModule):
             # nothing crosses the PCIe bus per step.
             device = self.trainer.strategy.root_device
             self.splits[split] = tuple(t.to(device) for t in self.splits[split])
+        samples = TensorSamples(*self.splits[split])
         return DataLoader(
-            TensorSamples(*self.splits[split]),
+            samples,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=self._epoch_sampler(len(samples)) if shuffle else None,
+            # Its own generator: making a loader then draws nothing from the global one, which
+            # dropout uses, so a resumed run's random numbers match an uninterrupted run's.
+            generator=torch.Generator().manual_seed(0),
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _epoch_sampler(self, n: int) -> EpochSampler:
+        # The global seed (seed_everything) picks the orders; a resumed run keeps its checkpoint's.
+        self.shuffle_seed = torch.initial_seed() % 2**32 if self.restored_seed is None else self.restored_seed
+        # Skipping is for one process; under DDP Lightning shards the sampler's full epoch.
+        single = self.trainer is None or self.trainer.world_size == 1
+        return EpochSampler(n, self.shuffle_seed, self.resume_at if single else {})
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: the shuffle seed and how far into the epoch training got."""
+        loop = self.trainer.fit_loop if self.trainer is not None else None
+        if loop is None or self.shuffle_seed is None:
+            return {}
+        # `completed` epochs: the one being trained (its batches may all be done: saved at its end).
+        epoch, done = loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
+        return {"shuffle_seed": self.shuffle_seed, "epoch": epoch, "samples": done * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.restored_seed, self.resume_at = state["shuffle_seed"], {state["epoch"]: state["samples"]}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -96,8 +174,24 @@ class InMemoryDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @property
+    def predict_split(self) -> str:
+        """What `predict` runs on: the 'predict' split where a subclass has one (labels -1), else 'test'."""
+        return "predict" if "predict" in self.splits else "test"
+
+    def sample_ids(self, split: str) -> list[str]:
+        """How the prediction CSV names each sample of `split`: `self.ids`, or else its index."""
+        return self.ids.get(split) or [str(i) for i in range(len(self.splits[split][1]))]
+
+    def read_predict(self) -> tuple[torch.Tensor, list[str]] | None:
+        """Unlabelled samples to predict instead of the test split, with their ids; None: the test split."""
+        return None
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        if "predict" not in self.splits and (found := self.read_predict()) is not None:
+            x, self.ids["predict"] = found
+            self.splits["predict"] = (x, torch.full((len(x),), -1))
+        return self._loader(self.predict_split)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch

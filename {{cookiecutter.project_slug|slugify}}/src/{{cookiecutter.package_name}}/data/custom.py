@@ -30,8 +30,8 @@ def sort_classes(names) -> list[str]:
 class _ReadOnce(InMemoryDataModule):
     """Reads all samples on first use (`samples`), then splits them in `setup`.
 
-    A subclass defines `read()`, returning ({split: (x, label names)}, location), with at
-    least a 'train' split.
+    A subclass defines `read()`, returning ({split: (x, label names, sample ids)}, location),
+    with at least a 'train' split.
     """
 
     def __init__(self, val_fraction, test_fraction, batch_size, num_workers, seed):
@@ -47,12 +47,12 @@ class _ReadOnce(InMemoryDataModule):
     @cached_property
     def samples(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
         parts, where = self.read()
-        classes = sort_classes(name for _, names in parts.values() for name in names)
+        classes = sort_classes(name for _, names, _ in parts.values() for name in names)
         if len(classes) < 2:
             raise UserError(f"{where}: found {len(classes)} class(es) {classes}; a classifier needs at least two")
         index = {name: k for k, name in enumerate(classes)}
-        tensors = {s: (x, torch.tensor([index[n] for n in names])) for s, (x, names) in parts.items()}
-        return tensors, classes
+        tensors = {s: (x, torch.tensor([index[n] for n in names])) for s, (x, names, _) in parts.items()}
+        return tensors, classes, {s: ids for s, (_, _, ids) in parts.items()}
 
     @property
     def class_names(self) -> list[str]:
@@ -76,6 +76,9 @@ class _ReadOnce(InMemoryDataModule):
         parts.update({s: (x[i], y[i]) for s, i in zip(missing, cuts)})
         parts["train"] = (x[rest], y[rest])
         self.set_splits(*(parts[s] for s in SPLITS))
+        ids = self.samples[2]  # which file (and line) each validation and test sample came from
+        self.ids = {s: [ids["train"][k] for k in i.tolist()] for s, i in zip(missing, cuts)}
+        self.ids.update({s: ids[s] for s in ("val", "test") if s not in missing})
 
 
 class CSVDataModule(_ReadOnce):
@@ -87,7 +90,14 @@ class CSVDataModule(_ReadOnce):
         feature_columns: the columns used as inputs; default: all others.
         val_fraction, test_fraction: parts cut from the training rows when no val/test file.
         batch_size, num_workers: as for the DataLoader.
-        seed: seed of the split.
+        seed: seed of the split and of the labelled subset.
+        samples_per_class: train on only this many samples per class (a fixed, seeded choice);
+            validation and test stay whole. null: all.
+        train_fraction: train on this fraction of each class's samples (when samples_per_class is null).
+        predict_file: a CSV with the same feature columns (a label column is not needed) that
+            `predict` classifies instead of the test rows.
+        id_column: a column naming each row, kept out of the features, for the `id` of the
+            prediction CSV; default: the row's line number in its file (the header is line 1).
     """
 
     def __init__(
@@ -100,9 +110,25 @@ class CSVDataModule(_ReadOnce):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 42,
+        samples_per_class: int | None = None,
+        train_fraction: float = 1.0,
+        predict_file: str | None = None,
+        id_column: str | None = None,
     ):
         super().__init__(val_fraction, test_fraction, batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.limit_training(samples_per_class, train_fraction, seed)
+        self.features = None  # the training file's feature columns, looked up by name in the others
+
+    def read_predict(self):
+        if not self.hparams.predict_file:
+            return None
+        path = Path(self.hparams.predict_file)
+        if not path.is_file():
+            raise UserError(f"{path}: file not found (set --data.predict_file to the CSV to classify)")
+        _ = self.samples  # the training file first: it fixes the feature columns
+        x, _, ids = self._read_file(path, labelled=False)
+        return x, ids
 
     def read(self):
         path = Path(self.hparams.path)
@@ -116,8 +142,8 @@ class CSVDataModule(_ReadOnce):
             raise UserError(f"{path}: file not found (set --data.path to your CSV file)")
         return {s: self._read_file(f) for s, f in files.items()}, str(path)
 
-    def _read_file(self, path: Path) -> tuple[torch.Tensor, list[str]]:
-        label = self.hparams.label_column
+    def _read_file(self, path: Path, labelled: bool = True) -> tuple[torch.Tensor, list[str], list[str]]:
+        label, name = self.hparams.label_column, self.hparams.id_column
         try:
             text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as err:
@@ -125,25 +151,31 @@ class CSVDataModule(_ReadOnce):
         with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
-            if label not in header:
+            if labelled and label not in header:
                 raise UserError(f"{path}: no label column {label!r}; columns: {header} (set --data.label_column)")
-            features = self.hparams.feature_columns or [c for c in header if c != label]
+            if name and name not in header and not labelled:  # optional in the files to train on
+                raise UserError(f"{path}: no id column {name!r}; columns: {header} (set --data.id_column)")
+            features = self.hparams.feature_columns or self.features or [c for c in header if c not in (label, name)]
+            self.features = self.features or features
             absent = [c for c in features if c not in header]
             if absent or not features:
                 raise UserError(
                     f"{path}: feature columns {absent or features} not found; columns: {header} "
                     "(set --data.feature_columns)"
                 )
-            rows, labels = [], []
+            rows, labels, ids = [], [], []
             for row in reader:
                 line = reader.line_num  # counts blank lines, which the reader skips
                 rows.append([self._number(row.get(c), path, line, c) for c in features])
+                ids.append(row[name] if name in row else str(line))
+                if not labelled:
+                    continue
                 if not (row.get(label) or "").strip():
                     raise UserError(f"{path}:{line}: the label is empty (fill it in or remove the row)")
                 labels.append(row[label].strip())
         if not rows:
             raise UserError(f"{path}: the file has a header but no rows")
-        return torch.tensor(rows, dtype=torch.float32), labels
+        return torch.tensor(rows, dtype=torch.float32), labels, ids
 
     @staticmethod
     def _number(text: str | None, path: Path, line: int, column: str) -> float:
@@ -168,7 +200,12 @@ class ImageFolderDataModule(_ReadOnce):
         grayscale: read images as one grey channel instead of RGB.
         val_fraction, test_fraction: parts cut from the training images when no val/test folder.
         batch_size, num_workers: as for the DataLoader.
-        seed: seed of the split.
+        seed: seed of the split and of the labelled subset.
+        samples_per_class: train on only this many samples per class (a fixed, seeded choice);
+            validation and test stay whole. null: all.
+        train_fraction: train on this fraction of each class's samples (when samples_per_class is null).
+        predict_dir: a folder of images (no class folders) that `predict` classifies instead of
+            the test images; they are read like the training images (grey or RGB, image_size).
     """
 
     def __init__(
@@ -181,9 +218,13 @@ class ImageFolderDataModule(_ReadOnce):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 42,
+        samples_per_class: int | None = None,
+        train_fraction: float = 1.0,
+        predict_dir: str | None = None,
     ):
         super().__init__(val_fraction, test_fraction, batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.limit_training(samples_per_class, train_fraction, seed)
         self._first = None  # (path, size) of the first image read, to report mixed sizes
 
     def read(self):
@@ -196,18 +237,29 @@ class ImageFolderDataModule(_ReadOnce):
             folders = {"train": root}
         return {s: self._read_folder(f) for s, f in folders.items()}, str(root)
 
-    def _read_folder(self, folder: Path) -> tuple[torch.Tensor, list[str]]:
+    def read_predict(self):
+        if not self.hparams.predict_dir:
+            return None
+        folder = Path(self.hparams.predict_dir)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if not files:
+            raise UserError(f"{folder}: no images (.png, .jpg, ...) in this folder (set --data.predict_dir)")
+        _ = self.samples  # the training images first: the images to classify must have their size
+        return torch.stack([self._read_image(p) for p in files]), [str(p) for p in files]
+
+    def _read_folder(self, folder: Path) -> tuple[torch.Tensor, list[str], list[str]]:
         classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not classes:
             raise UserError(f"{folder}: no class folders; put each class's images in {folder}/<class name>/")
-        images, labels = [], []
+        images, labels, paths = [], [], []
         for d in classes:
             files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise UserError(f"{d}: class folder has no images (.png, .jpg, ...); add images or remove the folder")
             images += [self._read_image(p) for p in files]
             labels += [d.name] * len(files)
-        return torch.stack(images), labels
+            paths += [str(p) for p in files]
+        return torch.stack(images), labels, paths
 
     def _read_image(self, path: Path) -> torch.Tensor:
         try:

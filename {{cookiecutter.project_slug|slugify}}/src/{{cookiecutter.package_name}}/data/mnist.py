@@ -4,6 +4,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from ..errors import UserError
 from .batches import InMemoryDataModule, split_indices
 from .idx import download, read_idx
@@ -56,7 +58,12 @@ class MNISTDataModule(InMemoryDataModule):
         on_device: keep the whole dataset on the GPU (about 55 MB): the fastest option there.
         download: fetch missing files from the public mirrors (MD5-checked).
         mirror: a base URL to download from instead of the public mirrors.
-        seed: seed of the train/validation split.
+        seed: seed of the train/validation split and of the labelled subset.
+        classes: keep only these classes (e.g. [5, 6, 7, 8, 9]), relabelled 0..k-1 in the given
+            order; class names follow. null: all ten.
+        samples_per_class: train on only this many images per class (a fixed, seeded choice);
+            validation and test stay whole. null: all.
+        train_fraction: train on this fraction of each class's images (when samples_per_class is null).
     """
 
     def __init__(
@@ -70,14 +77,22 @@ class MNISTDataModule(InMemoryDataModule):
         download: bool = True,
         mirror: str | None = None,
         seed: int = 42,
+        classes: list[int] | None = None,
+        samples_per_class: int | None = None,
+        train_fraction: float = 1.0,
     ):
         super().__init__(batch_size, num_workers, on_device)
         self.save_hyperparameters()
         self.info = DATASETS[name]
+        self.limit_training(samples_per_class, train_fraction, seed)
+        every = len(self.info["classes"])
+        valid = classes is None or (len(set(classes)) == len(classes) >= 2 and all(0 <= c < every for c in classes))
+        if not valid:
+            raise UserError(f"classes={list(classes)}: give at least two different class numbers from 0 to {every - 1}")
 
     @property
     def num_classes(self) -> int:
-        return len(self.info["classes"])
+        return len(self.class_names)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -85,7 +100,17 @@ class MNISTDataModule(InMemoryDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        return self.info["classes"]
+        chosen = self.hparams.classes
+        return self.info["classes"] if chosen is None else [self.info["classes"][c] for c in chosen]
+
+    def _keep_classes(self, x, y):
+        """Only the samples of `classes`, relabelled 0..k-1 in their order."""
+        if self.hparams.classes is None:
+            return x, y
+        new = torch.full((len(self.info["classes"]),), -1, dtype=torch.long)
+        new[torch.tensor(self.hparams.classes)] = torch.arange(len(self.hparams.classes))
+        keep = new[y] >= 0
+        return x[keep], new[y][keep]
 
     def _folders(self) -> list[Path]:
         root = Path(self.hparams.data_dir)
@@ -137,12 +162,12 @@ class MNISTDataModule(InMemoryDataModule):
                 f"{self._find(images)} has {len(x)} images but {self._find(labels)} has "
                 f"{len(y)} labels; replace both files with a matching pair"
             )
-        if len(y) and int(y.max()) >= self.num_classes:
+        if len(y) and int(y.max()) >= len(self.info["classes"]):
             raise UserError(
                 f"{self._find(labels)}: label {int(y.max())} is out of range "
-                f"0..{self.num_classes - 1}; the file is not a {self.hparams.name} label file"
+                f"0..{len(self.info['classes']) - 1}; the file is not a {self.hparams.name} label file"
             )
-        return x.unsqueeze(1), y
+        return self._keep_classes(x.unsqueeze(1), y)
 
     def setup(self, stage: str) -> None:
         if self.splits:
