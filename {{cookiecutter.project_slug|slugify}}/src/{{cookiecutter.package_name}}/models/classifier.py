@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+from .finetune import add_lora, is_adapter, load_init_weights, merge_lora
 from .metrics import ClassificationScores
 from .nets import build_backbone
 
@@ -33,6 +35,16 @@ class Classifier(L.LightningModule):
         heads: attention heads per transformer block (vit); must divide `width`.
         patch_size: side of the square patches the image is cut into (vit); must divide its height and width.
         compile: compile the backbone with `torch.compile`: faster steps after a slow first one.
+        init_from: a checkpoint written by `fit` to start from (README, Fine-tune on your data):
+            its backbone must match; its head is used when the classes are the same, else starts fresh.
+        freeze_backbone: train only the head (and LoRA adapters are frozen too).
+        unfreeze_at_epoch: with freeze_backbone, the epoch (0-based) from which the backbone
+            trains too, at lr x backbone_lr_scale; null: frozen for the whole run.
+        backbone_lr_scale: the backbone's learning rate is lr x this (e.g. 0.1); the head and
+            LoRA adapters train at lr.
+        lora_rank: rank of LoRA adapters on the backbone's Linear layers; only the adapters and
+            the head train. 0: no adapters.
+        lora_alpha: the adapters' output is scaled by lora_alpha / lora_rank.
     """
 
     def __init__(
@@ -52,10 +64,26 @@ class Classifier(L.LightningModule):
         heads: int = 4,
         patch_size: int = 7,
         compile: bool = False,
+        init_from: str | None = None,
+        freeze_backbone: bool = False,
+        unfreeze_at_epoch: int | None = None,
+        backbone_lr_scale: float = 1.0,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, input_shape, width, depth, dropout, heads, patch_size)
+        if lora_rank and not add_lora(self.backbone, lora_rank, lora_alpha):
+            raise UserError(
+                f"lora_rank={lora_rank}: backbone {backbone!r} has no Linear layers for LoRA adapters; "
+                "use --model.backbone=mlp or vit, or --model.freeze_backbone=true instead"
+            )
+        if backbone_lr_scale <= 0 or (unfreeze_at_epoch is not None and unfreeze_at_epoch < 0):
+            raise UserError(
+                f"backbone_lr_scale={backbone_lr_scale} must be > 0 and unfreeze_at_epoch={unfreeze_at_epoch} "
+                ">= 0 (or null: stay frozen)"
+            )
         # The compiled backbone (compile=true), set past nn.Module's registration of submodules
         # so that checkpoints have the same keys with and without compile.
         object.__setattr__(self, "compiled", torch.compile(self.backbone) if compile else None)
@@ -64,6 +92,7 @@ class Classifier(L.LightningModule):
         self.train_metrics = ClassificationScores(num_classes, prefix="train/")
         self.val_metrics = ClassificationScores(num_classes, prefix="val/")
         self.test_metrics = ClassificationScores(num_classes, prefix="test/")
+        self._apply_freezing(epoch=0, modes=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone if self.compiled is None else self.compiled
@@ -107,6 +136,14 @@ class Classifier(L.LightningModule):
 
     def on_train_epoch_start(self):
         self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
+        self._apply_freezing(self.current_epoch)
+        if self.hparams.freeze_backbone and self.current_epoch == self.hparams.unfreeze_at_epoch:
+            self._say(f"Epoch {self.current_epoch}: backbone unfrozen. {self._trainable()}")
+
+    def on_train_start(self):
+        # A run resumed mid-epoch (fit --ckpt_path=...) starts without on_train_epoch_start.
+        self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
+        self._apply_freezing(self.current_epoch)
 
     def on_train_epoch_end(self):
         self.log("train/loss_epoch", self.loss_sum / max(1, self.loss_count), sync_dist=True)
@@ -131,7 +168,7 @@ class Classifier(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total)
         cosine = self.hparams.scheduler == "cosine"
@@ -144,3 +181,77 @@ class Classifier(L.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # Fine-tuning (models/finetune.py): init_from, a frozen backbone, LoRA adapters.
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one, or 'backbone' at lr x backbone_lr_scale and 'head'
+        (the head and any LoRA adapters) at lr. A frozen backbone stays in its group: AdamW skips
+        parameters without a gradient, and unfreezing only has to set `requires_grad`."""
+        lr, scale = self.hparams.lr, self.hparams.backbone_lr_scale
+        if scale == 1:
+            return [{"params": list(self.parameters()), "lr": lr}]
+        backbone = [p for name, p in self.backbone.named_parameters() if not is_adapter(name)]
+        ids = {id(p) for p in backbone}
+        head = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": backbone, "lr": lr * scale, "name": "backbone"}, {"params": head, "lr": lr, "name": "head"}]
+
+    def backbone_frozen(self, epoch: int) -> bool:
+        h = self.hparams
+        return bool(h.freeze_backbone) and (h.unfreeze_at_epoch is None or epoch < h.unfreeze_at_epoch)
+
+    def _apply_freezing(self, epoch: int, modes: bool = True) -> None:
+        """Set which backbone parameters train in `epoch`; with `modes`, BatchNorm layers without
+        trained parameters are put in eval mode, so their running statistics stay as loaded."""
+        frozen, lora = self.backbone_frozen(epoch), bool(self.hparams.lora_rank)
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(not frozen and (is_adapter(name) or not lora))
+        for m in self.backbone.modules() if modes else ():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(self.training and any(p.requires_grad for p in m.parameters()))
+
+    def _trainable(self) -> str:
+        total = sum(p.numel() for p in self.parameters())
+        count = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if self.backbone_frozen(self.current_epoch):
+            until = self.hparams.unfreeze_at_epoch
+            what = "head only (backbone frozen" + (f" until epoch {until})" if until is not None else ")")
+        else:
+            what = "head + LoRA adapters" if self.hparams.lora_rank else "the whole model"
+        return f"Trainable parameters: {count:,} of {total:,} ({100 * count / total:.1f}%): {what}"
+
+    def _say(self, message: str) -> None:
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(message, flush=True)
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        h = self.hparams
+        if h.freeze_backbone and h.unfreeze_at_epoch is not None and self.trainer.world_size > 1:
+            raise UserError(
+                "unfreeze_at_epoch with more than one process: DDP fixes the trained parameters when it starts. "
+                "Run two fits instead: one with the backbone frozen, then one with "
+                "--model.init_from=<its last.ckpt> --model.freeze_backbone=false"
+            )
+        # Loaded here, before DDP or FSDP wrap the model. A resumed `fit` replaces these weights with the
+        # checkpoint's and must not need the file any more, so errors wait for on_fit_start, which knows.
+        self._init_result = None
+        if h.init_from:
+            try:
+                self._init_result = load_init_weights(self, h.init_from)
+            except UserError as err:
+                self._init_result = err
+
+    def on_fit_start(self) -> None:
+        result = getattr(self, "_init_result", None)
+        if result is not None and self.trainer.ckpt_path is None:  # not resuming
+            if isinstance(result, UserError):
+                raise result
+            self._say(result)
+        self._apply_freezing(self.current_epoch, modes=False)  # modes: at each epoch's start
+        self._say(self._trainable())
+
+    def on_predict_start(self) -> None:
+        if self.hparams.lora_rank:
+            merge_lora(self.backbone)  # one matrix product per layer instead of three
