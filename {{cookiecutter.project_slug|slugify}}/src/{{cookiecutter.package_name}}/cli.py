@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from .callbacks import PredictionWriter, TensorBoardViews
+from .checkpointing import AtomicCheckpointIO
 from .data.batches import InMemoryDataModule
 from .errors import UserError
 from .models import Classifier
@@ -67,6 +70,13 @@ def setup_hardware(trainer) -> None:
             "FSDP runs on NVIDIA GPUs only (Lightning's FSDPStrategy refuses other accelerators); "
             "on this machine use configs/trainer/ddp.yaml instead of configs/trainer/fsdp.yaml"
         )
+    devices = trainer.get("devices")
+    several = len(devices) > 1 if isinstance(devices, (list, tuple)) else str(devices).isdigit() and int(devices) > 1
+    if several and strategy.startswith("single"):
+        raise UserError(
+            f"--trainer.devices={devices} with --trainer.strategy={strategy}: that strategy runs one process on "
+            "one device; use --config configs/trainer/ddp.yaml (one process per device), or --trainer.devices=1"
+        )
     if not cuda and trainer.get("sync_batchnorm"):
         raise UserError(
             "--trainer.sync_batchnorm=true needs NVIDIA GPUs: PyTorch's SyncBatchNorm does not run on "
@@ -102,10 +112,10 @@ class RunSummary(Callback):
         say(describe_run(trainer, pl_module))
 
 
-def newest_checkpoint(root: Path, which: str) -> Path | None:
-    """The most recent `last.ckpt` ('last') or other checkpoint ('best') under `root`."""
+def newest_checkpoint(root: Path, which: str, version: str = "*") -> Path | None:
+    """The most recent `last.ckpt` ('last') or other checkpoint ('best') under `root` (in run `version`)."""
     found = [
-        p for p in root.glob("*/checkpoints/*.ckpt")
+        p for p in root.glob(f"{version}/checkpoints/*.ckpt")
         if (p.stem == "last" or p.stem.startswith("last-v")) == (which == "last")
     ]  # fmt: skip
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
@@ -115,6 +125,9 @@ class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for name in ("num_classes", "input_shape", "class_names"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        # Callbacks every run has, with their options at the top level: --tensorboard.*, --predictions.*
+        parser.add_lightning_class_args(TensorBoardViews, "tensorboard")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def instantiate_trainer(self, **kwargs):
         # Lightning's default bar (Rich when installed) redraws on every step, which costs
@@ -123,6 +136,11 @@ class CLI(LightningCLI):
         callbacks = config.get("callbacks") or []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             config["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=20)]
+        # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -141,7 +159,9 @@ class CLI(LightningCLI):
         init = getattr(logger, "init_args", None)
         root = Path(init.save_dir) / (init.name or "") if init is not None and init.get("save_dir") else None
         if given in ("best", "last") and root is not None:
-            path = newest_checkpoint(root, given)
+            version = init.get("version") if sub == "fit" else None  # given: resume that run only
+            folder = "*" if version is None else f"version_{version}" if isinstance(version, int) else str(version)
+            path = newest_checkpoint(root, given, folder)
             if path is None and sub == "fit":
                 say(f"No '{given}' checkpoint under {root}: training starts from scratch.")
                 config.ckpt_path = None
@@ -166,6 +186,8 @@ class CLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as err:
+            if not zipfile.is_zipfile(path):  # not written by torch.save at all
+                raise UserError(f"{path}: not a readable checkpoint (not a file written by torch.save)") from None
             raise UserError(
                 f"{path}: refused to load: it holds objects that safe loading "
                 f"(torch.load(weights_only=True)) does not allow ({brief(err)}). "
@@ -177,8 +199,11 @@ class CLI(LightningCLI):
             ) from None
 
 
-def run(args=None) -> CLI:
-    """Parse `args` (default: sys.argv), build everything and run the subcommand."""
+def run(args=None, callbacks=()) -> CLI:
+    """Parse `args` (default: sys.argv), build everything and run the subcommand.
+
+    `callbacks`: Callback objects added to the Trainer's (the hyperparameter search passes its own).
+    """
     kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.is_file() else {}
     return CLI(
         Classifier,
@@ -187,7 +212,7 @@ def run(args=None) -> CLI:
         subclass_mode_data=True,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RunSummary()]},  # added to the config's callbacks, never replaced
+        trainer_defaults={"callbacks": [RunSummary(), *callbacks]},  # added to the config's, never replaced
         parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},
         args=args,
     )

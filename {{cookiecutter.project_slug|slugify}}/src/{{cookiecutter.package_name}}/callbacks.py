@@ -1,0 +1,331 @@
+"""Callbacks of the default config: the prediction CSV, and what TensorBoard shows beyond curves.
+
+`PredictionWriter` turns `python train.py predict` into a CSV file, one row per sample.
+`TensorBoardViews` adds, at the end of validation, a confusion-matrix image and a grid of
+misclassified images, and lists hyperparameters with metrics in the HPARAMS tab. Both are
+set in configs/mnist_mlp.yaml; each acts only in the subcommands it concerns.
+"""
+
+import csv
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from PIL import Image, ImageDraw, ImageFont
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def class_names(pl_module, num_classes: int) -> list[str]:
+    names = pl_module.hparams.get("class_names")
+    return [str(n) for n in names] if names and len(names) == num_classes else [str(k) for k in range(num_classes)]
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes the predictions of `predict` to a CSV file: `id,predicted,probability[,label]`.
+
+    `id` names the sample: its index in the split (MNIST family), its line in the CSV file,
+    or the image's path; `predicted` is the most probable class, `probability` its softmax
+    probability; `label`, the true class, is there when the predicted data has labels.
+
+    Args:
+        output: the CSV file; default: `predictions.csv` in the run's folder (logs/<name>/version_N/).
+        write_interval: 'batch': rows go out batch by batch (little memory); 'epoch': all at the end.
+
+    Rows go to a temporary file that takes the place of `output` only when every sample is
+    done, so a failed or interrupted run leaves no partial CSV. With several processes
+    (DDP) each writes its share; the first gathers them, in sample order, into `output`.
+    """
+
+    def __init__(self, output: str | None = None, write_interval: Literal["batch", "epoch"] = "batch"):
+        super().__init__(write_interval)
+        self.output = output
+        self.path: Path | None = None  # the CSV written by the latest run
+        self._file = self._writer = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.path = Path(self.output or os.path.join(trainer.log_dir or ".", "predictions.csv"))
+        data = trainer.datamodule
+        self.split = getattr(data, "predict_split", None)
+        splits = getattr(data, "splits", {})
+        labels = splits[self.split][1].cpu() if self.split in splits else None
+        self.labels = labels if labels is not None and len(labels) and int(labels.min()) >= 0 else None
+        self.ids = data.sample_ids(self.split) if hasattr(data, "sample_ids") else None
+        self.names = None  # from the first batch, once the number of classes is known
+        self.count = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._part = self.path.with_name(f".{self.path.name}.rank{trainer.global_rank}.tmp")
+        self._file = open(self._part, "w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+
+    def _write(self, probs: torch.Tensor, indices) -> None:
+        best, predicted = probs.float().max(dim=-1)
+        if self.names is None:
+            self.names = class_names(self._module, probs.shape[-1])
+        for i, k, p in zip(indices, predicted.tolist(), best.tolist()):
+            row = [i, self.ids[i] if self.ids else str(i), self.names[k], f"{p:.6f}"]
+            if self.labels is not None:
+                row.append(self.names[int(self.labels[i])])
+            self._writer.writerow(row)
+        self.count += len(indices)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self._module = pl_module
+        self._write(prediction, self._indices(batch_indices, batch_idx, len(prediction), trainer))
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        self._module = pl_module
+        for batch_idx, probs in enumerate(predictions):
+            given = batch_indices[0][batch_idx] if batch_indices and batch_indices[0] else None
+            self._write(probs, self._indices(given, batch_idx, len(probs), trainer))
+
+    @staticmethod
+    def _indices(given, batch_idx: int, size: int, trainer) -> list[int]:
+        if given is not None and len(given) == size:
+            return list(given)
+        if trainer.world_size > 1:
+            raise RuntimeError("PredictionWriter: the DataLoader does not report its sample indices")
+        # One process, no shuffling: batches follow each other (the DataLoader's batch_size).
+        start = batch_idx * trainer.predict_dataloaders.batch_size
+        return list(range(start, start + size))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._file.close()
+        self._file = None
+        rows = None
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            with open(self._part, newline="", encoding="utf-8") as f:
+                mine = list(csv.reader(f))
+            self._part.unlink()
+            shares = [None] * trainer.world_size
+            dist.all_gather_object(shares, mine)
+            rows = {int(r[0]): r for share in shares for r in share}  # a sample seen twice counts once
+            rows = [rows[i] for i in sorted(rows)]
+        if trainer.is_global_zero:
+            self._finish(rows)
+            say(f"Predictions for {self.count if rows is None else len(rows)} samples written to {self.path}")
+
+    def _finish(self, rows: list[list[str]] | None) -> None:
+        """Write header and rows (without the index column) to a new file that replaces `path`."""
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        header = ["id", "predicted", "probability"] + (["label"] if self.labels is not None else [])
+        try:
+            with open(temporary, "w", newline="", encoding="utf-8") as out:
+                writer = csv.writer(out)
+                writer.writerow(header)
+                if rows is None:
+                    with open(self._part, newline="", encoding="utf-8") as f:
+                        writer.writerows(row[1:] for row in csv.reader(f))
+                else:
+                    writer.writerows(row[1:] for row in rows)
+                out.flush()
+                os.fsync(out.fileno())  # on disk before it takes the name
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
+            self._part.unlink(missing_ok=True)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._file is not None:  # a predict run that did not finish: its rows go
+            self._file.close()
+            self._file = None
+            self._part.unlink(missing_ok=True)
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, int | float | str]:
+    """Nested hyperparameters as one level of numbers and strings, as TensorBoard's HPARAMS takes them."""
+    flat = {}
+    for key, value in params.items():
+        key = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{key}/"))
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            flat[key] = value
+        else:  # True/False, None, lists (class names, input shape), anything else: as text
+            flat[key] = str(list(value) if isinstance(value, tuple) else value)
+    return flat
+
+
+def confusion_image(counts: torch.Tensor, names: list[str]) -> Image.Image:
+    """Rows: true class, columns: predicted; cells shaded by the share of their row, counts written in."""
+    counts = counts.long().cpu()
+    n = len(counts)
+    font = ImageFont.load_default()
+    cell = 28 if n <= 20 else max(4, 560 // n)
+    show_names = n <= 50
+    label_w = max((int(font.getlength(s)) for s in names), default=0) + 6 if show_names else 0
+    left = max(label_w, 40)
+    top = label_w + 14
+    image = Image.new("RGB", (left + n * cell + 2, top + n * cell + 2), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((2, 0), "true \\ predicted", fill="black", font=font)
+    share = counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    for i in range(n):
+        for j in range(n):
+            v = float(share[i, j])
+            shade = int(210 * v)  # the diagonal (right) in blue, mistakes in red
+            colour = (255 - shade, 255 - shade // 2, 255) if i == j else (255, 255 - shade, 255 - shade)
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline=(200, 200, 200))
+            if n <= 20 and counts[i, j]:
+                text = str(int(counts[i, j]))
+                w = font.getlength(text)
+                ink = "white" if v > 0.6 else "black"
+                draw.text((x0 + (cell - w) / 2, y0 + cell / 2 - 6), text, fill=ink, font=font)
+    if show_names:
+        for k, name in enumerate(names):
+            draw.text((left - label_w + 2, top + k * cell + cell / 2 - 6), name, fill="black", font=font)
+            # Column labels: written sideways, bottom to top.
+            w = int(font.getlength(name)) + 2
+            strip = Image.new("RGB", (w, 14), "white")
+            ImageDraw.Draw(strip).text((1, 0), name, fill="black", font=font)
+            strip = strip.rotate(90, expand=True)
+            image.paste(strip, (left + k * cell + (cell - 14) // 2, top - 2 - w))
+    return image
+
+
+def sample_grid(images: list[torch.Tensor], captions: list[str], columns: int = 8) -> Image.Image:
+    """uint8 images (C x H x W) in a grid, each above its caption."""
+    font = ImageFont.load_default()
+    c, h, w = images[0].shape
+    scale = max(1, 56 // max(h, w))
+    tile_w = max(w * scale, *(int(font.getlength(t)) + 4 for t in captions))
+    tile_h = h * scale + 14
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (tile_w + 2), rows * (tile_h + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (x, caption) in enumerate(zip(images, captions)):
+        pixels = x.permute(1, 2, 0).numpy()
+        tile = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels[:, :, :3])
+        tile = tile.convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
+        x0, y0 = (k % columns) * (tile_w + 2), (k // columns) * (tile_h + 2)
+        grid.paste(tile, (x0 + (tile_w - w * scale) // 2, y0))
+        draw.text((x0 + 2, y0 + h * scale), caption, fill="black", font=font)
+    return grid
+
+
+class TensorBoardViews(Callback):
+    """Images at the end of validation, and the HPARAMS tab, for runs logged with TensorBoard.
+
+    `val/confusion_matrix`: rows are the true classes, columns the predicted ones; each cell
+    is shaded by its share of the row (the diagonal in blue) and shows its count (up to 20
+    classes). `val/misclassified`: validation images the model got wrong, captioned
+    `true->predicted` (image data only). The HPARAMS tab lists the run's hyperparameters
+    beside the last value of each metric of `hparams_metrics`.
+
+    Args:
+        every_n_epochs: draw the images after every n-th epoch's validation; 0: never.
+        misclassified: at most this many images in the grid; 0: no grid.
+        hparams_metrics: the metrics listed in the HPARAMS tab; null: those of the Classifier;
+            []: no HPARAMS record.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        misclassified: int = 24,
+        hparams_metrics: list[str] | None = None,
+    ):
+        self.every_n_epochs = every_n_epochs
+        self.misclassified = misclassified
+        default = ["val/acc", "val/f1", "val/loss", "train/loss_epoch", "test/acc", "test/f1", "test/loss"]
+        self.hparams_metrics = default if hparams_metrics is None else hparams_metrics
+        self._hook = None
+        self._logits = None
+        self._wrong: list[tuple[torch.Tensor, int, int]] = []
+
+    @staticmethod
+    def _tensorboard(trainer) -> TensorBoardLogger | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # TensorBoard keeps the first HPARAMS record of a run and ignores later ones, so this one
+        # is written here, before Lightning's own (which lists only hp_metric). It names the
+        # metrics; the tab shows the latest value of each, as the run logs them.
+        logger = self._tensorboard(trainer)
+        if logger is None or stage == "predict" or not self.hparams_metrics or not trainer.is_global_zero:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        params = flatten({k: v for k, v in pl_module.hparams_initial.items() if not k.startswith("_")})
+        data = getattr(trainer.datamodule, "hparams_initial", {})
+        params.update(flatten({k: v for k, v in data.items() if not k.startswith("_")}, "data/"))
+        writer = logger.experiment._get_file_writer()
+        for summary in hparams(params, dict.fromkeys(self.hparams_metrics, 0.0)):
+            writer.add_summary(summary)
+
+    def _draws(self, trainer) -> bool:
+        if trainer.sanity_checking or not self.every_n_epochs or self._tensorboard(trainer) is None:
+            return False
+        return trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._wrong = []
+        if self.misclassified and self._draws(trainer) and trainer.is_global_zero:
+            # The logits of the validation steps, as the model computes them: no extra forward pass.
+            self._hook = pl_module.register_forward_hook(self._keep_logits)
+
+    def _keep_logits(self, module, args, output) -> None:
+        self._logits = output
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        logits, self._logits = self._logits, None
+        need = self.misclassified - len(self._wrong)
+        if self._hook is None or need <= 0 or logits is None:
+            return
+        x, y = batch[0], batch[1]
+        if x.dim() != 4 or len(logits) != len(y):  # images only: N x C x H x W
+            return
+        predicted, self._num_classes = logits.argmax(dim=-1), logits.shape[-1]
+        wrong = (predicted != y).nonzero().flatten()[:need]
+        if len(wrong):
+            data = trainer.datamodule
+            pixels = x[wrong].float()
+            if getattr(data, "mean", None) is not None:  # undo the normalisation
+                pixels = pixels * data.std.to(x.device) + data.mean.to(x.device)
+            pixels = pixels.round().clamp(0, 255).to(torch.uint8).cpu()
+            self._wrong += zip(pixels, y[wrong].tolist(), predicted[wrong].tolist())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if not self._draws(trainer):
+            return
+        metric = getattr(pl_module, "val_metrics", None)
+        counts = None
+        if metric is not None and hasattr(metric, "counts"):
+            # Runs before the module computes (and resets) the epoch's metrics; the counts
+            # of all processes are summed (a collective call: every process takes part).
+            with metric.sync_context():
+                counts = metric.counts.clone()
+        if not trainer.is_global_zero:
+            return
+        experiment = self._tensorboard(trainer).experiment
+        # The step Lightning gives the validation scalars, so that images and curves line up.
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        if counts is not None:
+            names = class_names(pl_module, len(counts))
+            image = confusion_image(counts, names)
+            experiment.add_image("val/confusion_matrix", np.asarray(image), step, dataformats="HWC")
+        if self._wrong:
+            images, true, predicted = zip(*self._wrong)
+            names = class_names(pl_module, self._num_classes)
+            grid = sample_grid(list(images), [f"{names[t]}->{names[p]}" for t, p in zip(true, predicted)])
+            experiment.add_image("val/misclassified", np.asarray(grid), step, dataformats="HWC")
+        self._wrong = []
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
