@@ -134,7 +134,7 @@ def test_unusual_but_valid_answers_bake(bake, slug, package, email):
     assert (result.project_path / "src" / package / "cli.py").is_file()
     meta = tomllib.loads((result.project_path / "pyproject.toml").read_text(encoding="utf-8"))
     assert meta["project"]["authors"][0]["email"] == email
-    assert meta["project"]["scripts"] == {slug: f"{package}.cli:main"}
+    assert meta["project"]["scripts"] == {slug: f"{package}.cli:main", f"{slug}-doctor": f"{package}.doctor:main"}
 
 
 def test_quotes_backslashes_and_unicode_survive(bake):

@@ -1,0 +1,235 @@
+"""Export a trained model for inference without this project, and check it against PyTorch.
+
+    python -m {{ cookiecutter.package_name }}.export --ckpt_path logs/mnist_mlp/version_0/checkpoints/best.ckpt
+    python -m {{ cookiecutter.package_name }}.export --ckpt_path best --format onnx     # needs: pip install -e '.[onnx]'
+
+Formats: `exported_program` (torch.export, a .pt2 file: `torch.export.load(path).module()`),
+`torchscript` (torch.jit.trace, a .pt file: `torch.jit.load(path)`; deprecated by PyTorch,
+kept for older runtimes) and `onnx` (a .onnx file for ONNX Runtime and other engines). The
+exported network is the backbone and the head, with any LoRA adapters merged; the batch
+dimension is dynamic. It takes float inputs normalised like the training data (the data
+module's per-channel (x - mean) / std) and returns logits.
+
+Before the file replaces its destination, its outputs are compared with the PyTorch
+model's on random batches of two sizes; a difference above the tolerance writes nothing
+and exits with code 1.
+"""
+
+import argparse
+import importlib.util
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import textwrap
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+FORMATS = {"exported_program": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
+ONNX_EXTRA = "pip install -e '.[onnx]'"
+
+
+def brief(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return textwrap.shorten(text, 160)
+
+
+def resolve_checkpoint(given: str, log_dir: Path) -> Path:
+    """`given` as a path; 'best' / 'last': the newest such checkpoint of any run under `log_dir`."""
+    if given in ("best", "last"):
+        from .cli import newest_checkpoint
+
+        runs = [p for p in log_dir.glob("*") if p.is_dir()]
+        found = [c for c in (newest_checkpoint(run, given) for run in runs) if c is not None]
+        if not found:
+            raise UserError(
+                f"--ckpt_path={given}: no {given} checkpoint under {log_dir}/*/*/checkpoints "
+                "(train first with `python train.py fit`, give --log_dir, or give a .ckpt path)"
+            )
+        path = max(found, key=lambda p: p.stat().st_mtime)
+        print(f"Using checkpoint {path}")
+        return path
+    path = Path(given)
+    if not path.is_file():
+        raise UserError(
+            f"--ckpt_path={given}: file not found (give a .ckpt file written by `fit`, "
+            "e.g. logs/<run>/version_0/checkpoints/best.ckpt, or 'best' / 'last')"
+        )
+    return path
+
+
+def load_classifier(path: Path):
+    """The Classifier of checkpoint `path`, on the CPU, in eval mode (loaded with weights_only=True)."""
+    from .models import Classifier
+
+    try:
+        model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True, compile=False)
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{path}: refused to load: it holds objects that safe loading (torch.load(weights_only=True)) "
+            f"does not allow ({brief(err)}). Only checkpoints written by this project are accepted"
+        ) from None
+    except RuntimeError as err:
+        if "loading state_dict" in str(err):
+            detail = brief(str(err).split("\n", 1)[-1])
+            raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({brief(err)}); it may be truncated") from None
+    except (EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError) as err:
+        raise UserError(
+            f"{path}: not a readable checkpoint ({brief(err)}); give a .ckpt file written by `fit`"
+        ) from None
+    return model.eval()
+
+
+def inference_network(model) -> nn.Module:
+    """The backbone and the head as a plain module (LoRA adapters merged, no Lightning attributes)."""
+    from .models.finetune import merge_lora
+
+    backbone = merge_lora(model.backbone) if model.hparams.get("lora_rank") else model.backbone
+    return nn.Sequential(backbone, model.head).eval()
+
+
+def write_file(net: nn.Module, sample: torch.Tensor, fmt: str, path: Path) -> None:
+    """Write `net` in format `fmt` to `path`, tracing it with `sample`."""
+    with warnings.catch_warnings():
+        # PyTorch's own deprecation notices from inside the exporters; nothing a user can act on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if fmt == "exported_program":
+            batch = torch.export.Dim("batch")
+            program = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, path)
+        elif fmt == "torchscript":
+            with torch.no_grad():
+                traced = torch.jit.trace(net, sample)
+            torch.jit.save(traced, str(path))
+        else:
+            registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+            level = registration.level
+            registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
+            try:
+                torch.onnx.export(
+                    net,
+                    (sample,),
+                    str(path),
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_shapes=({0: "batch"},),
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+            finally:
+                registration.setLevel(level)
+
+
+def load_file(fmt: str, path: Path):
+    """A function running the exported file on a tensor, or None when ONNX Runtime is missing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if fmt == "exported_program":
+            module = torch.export.load(path).module()
+            return lambda x: module(x)
+        if fmt == "torchscript":
+            module = torch.jit.load(str(path), map_location="cpu")
+            return lambda x: module(x)
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolerance: float, log_dir: str) -> Path:
+    """Write the model of `ckpt_path` in format `fmt` and check it; returns the written path."""
+    if fmt == "onnx":
+        missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UserError(f"--format onnx needs the packages {' and '.join(missing)}: {ONNX_EXTRA}")
+    if batch_size < 1:
+        raise UserError(f"--batch_size={batch_size}: give at least 1")
+    checkpoint = resolve_checkpoint(ckpt_path, Path(log_dir))
+    model = load_classifier(checkpoint)
+    net = inference_network(model)
+    shape = tuple(model.hparams.get("input_shape") or (1, 28, 28))
+    out = Path(output) if output else checkpoint.with_suffix(FORMATS[fmt])
+    if not out.parent.is_dir():
+        raise UserError(f"--output={out}: the folder {out.parent} does not exist")
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, *shape, generator=generator) for n in dict.fromkeys((batch_size, 1))]
+    with torch.no_grad():
+        expected = [net(x) for x in batches]
+
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=out.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_file(net, batches[0], fmt, tmp)
+        run = load_file(fmt, tmp)
+        if run is None:
+            difference = None
+        else:
+            with torch.no_grad():
+                difference = max((run(x) - y).abs().max().item() for x, y in zip(batches, expected))
+            if not difference <= tolerance:  # also catches NaN
+                raise UserError(
+                    f"the {fmt} model differs from PyTorch by up to {difference:.2e} (tolerance {tolerance:.0e}) "
+                    f"on random batches of {' and '.join(str(len(x)) for x in batches)}; nothing written "
+                    "(try another --format, or --tolerance if the difference is acceptable)"
+                )
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    sizes = " and ".join(str(len(x)) for x in batches)
+    line = f"Wrote {out} ({out.stat().st_size / 1024:.0f} KB); "
+    if difference is None:
+        line += f"NOT CHECKED: comparing with PyTorch needs ONNX Runtime: {ONNX_EXTRA}"
+    else:
+        line += f"max |difference| vs PyTorch on batches of {sizes}: {difference:.1e} (tolerance {tolerance:.0e}): OK"
+    print(line)
+    classes = model.hparams.get("class_names")
+    print(
+        f"Input: float32 (batch, {', '.join(map(str, shape))}), normalised like the training data "
+        f"((x - mean) / std per channel, as the data module does); output: logits for "
+        f"{model.hparams.get('num_classes')} classes" + (f" ({', '.join(map(str, classes))})" if classes else "")
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m {{ cookiecutter.package_name }}.export",
+        description="Export a checkpoint's model to a file and check its outputs against PyTorch.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="a .ckpt file written by fit, or best / last")
+    parser.add_argument("--format", choices=list(FORMATS), default="exported_program", help="default: %(default)s")
+    parser.add_argument("--output", help="the file to write (default: the checkpoint's path with .pt2 / .pt / .onnx)")
+    parser.add_argument(
+        "--batch_size", "--batch-size", type=int, default=8, help="size of the random check batch (default: 8)"
+    )
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |difference| (default: 1e-4)")
+    parser.add_argument("--log_dir", default="logs", help="where best / last are looked for (default: logs)")
+    args = parser.parse_args(argv)
+    try:
+        export(args.ckpt_path, args.format, args.output, args.batch_size, args.tolerance, args.log_dir)
+    except UserError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
