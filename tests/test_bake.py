@@ -18,44 +18,71 @@ EXPECTED_FILES = [
     ".gitignore",
     "LICENSE",
     "README.md",
+    "README.zh-CN.md",
+    "benchmarks/finetune.py",
     "benchmarks/overhead.py",
     "configs/custom_csv.yaml",
     "configs/custom_images.yaml",
     "configs/fashion_mnist_cnn.yaml",
+    "configs/finetune.yaml",
+    "configs/finetune_csv.yaml",
+    "configs/finetune_images.yaml",
     "configs/mnist_cnn.yaml",
     "configs/mnist_mlp.yaml",
     "configs/mnist_vit.yaml",
+    "configs/search/cnn.yaml",
+    "configs/search/mlp.yaml",
     "configs/trainer/cpu.yaml",
     "configs/trainer/ddp.yaml",
     "configs/trainer/fsdp.yaml",
     "configs/trainer/gpu.yaml",
     "configs/trainer/multinode.yaml",
+    "configs/tune/batch_size.yaml",
+    "configs/tune/lr_find.yaml",
     "pyproject.toml",
+    "scripts/kill_resume.py",
     "scripts/slurm.sbatch",
     "src/{pkg}/__init__.py",
+    "src/{pkg}/callbacks.py",
+    "src/{pkg}/checkpointing.py",
     "src/{pkg}/cli.py",
     "src/{pkg}/data/__init__.py",
     "src/{pkg}/data/batches.py",
     "src/{pkg}/data/custom.py",
     "src/{pkg}/data/idx.py",
     "src/{pkg}/data/mnist.py",
+    "src/{pkg}/doctor.py",
     "src/{pkg}/errors.py",
+    "src/{pkg}/export.py",
     "src/{pkg}/models/__init__.py",
     "src/{pkg}/models/classifier.py",
+    "src/{pkg}/models/finetune.py",
     "src/{pkg}/models/metrics.py",
     "src/{pkg}/models/nets.py",
+    "src/{pkg}/search.py",
+    "src/{pkg}/tuning.py",
     "tests/conftest.py",
     "tests/probe.py",
     "tests/test_cli.py",
+    "tests/test_crash_safety.py",
     "tests/test_custom_data.py",
     "tests/test_distributed.py",
+    "tests/test_doctor.py",
     "tests/test_download.py",
     "tests/test_errors.py",
+    "tests/test_export.py",
+    "tests/test_finetune.py",
+    "tests/test_hostile_inputs.py",
     "tests/test_idx.py",
     "tests/test_mnist_data.py",
-    "tests/test_recipes.py",
-    "tests/test_vit.py",
     "tests/test_performance.py",
+    "tests/test_predict.py",
+    "tests/test_readme.py",
+    "tests/test_recipes.py",
+    "tests/test_search.py",
+    "tests/test_tensorboard.py",
+    "tests/test_tuning.py",
+    "tests/test_vit.py",
     "train.py",
 ]
 
@@ -136,7 +163,10 @@ def test_default_bake(bake):
     assert meta["description"] == "Image and table classifiers trained with PyTorch Lightning"
     assert meta["authors"] == [{"name": "Your Name", "email": "you@example.com"}]
     assert meta["license"] == "MIT"
-    assert meta["scripts"] == {"lightning-project": "lightning_project.cli:main"}
+    assert meta["scripts"] == {
+        "lightning-project": "lightning_project.cli:main",
+        "lightning-project-doctor": "lightning_project.doctor:main",
+    }
 
 
 @pytest.mark.parametrize("github_actions", ["yes", "no"])
@@ -207,7 +237,7 @@ def test_custom_project_name_sets_slug_and_package(bake):
     assert (project / "src" / "digit_lab" / "__init__.py").is_file()
     meta = read_pyproject(project)["project"]
     assert meta["name"] == "digit-lab"
-    assert meta["scripts"] == {"digit-lab": "digit_lab.cli:main"}
+    assert meta["scripts"] == {"digit-lab": "digit_lab.cli:main", "digit-lab-doctor": "digit_lab.doctor:main"}
     assert "from digit_lab." in (project / "train.py").read_text()
     stale = [
         path
