@@ -16,13 +16,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from PIL import Image, ImageDraw, ImageFont
 
-
-@rank_zero_only
-def say(message: str) -> None:
-    print(message, flush=True)
+from .errors import say
 
 
 def class_names(pl_module, num_classes: int) -> list[str]:

@@ -24,9 +24,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .errors import UserError
+from .errors import UserError, say
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -164,9 +163,4 @@ class LastCheckpoint(ModelCheckpoint):
                 logger.finalize("interrupted")
             args = [a for a in sys.argv[1:] if not a.startswith("--ckpt_path")]
             command = shlex.join(["python", "train.py", *args, "--ckpt_path=last"])
-            tell(f"Received {self.stopped_by or 'SIGTERM'}: saved {self.path.resolve()}; resume with: {command}")
-
-
-@rank_zero_only
-def tell(message: str) -> None:
-    print(message, flush=True)
+            say(f"Received {self.stopped_by or 'SIGTERM'}: saved {self.path.resolve()}; resume with: {command}")

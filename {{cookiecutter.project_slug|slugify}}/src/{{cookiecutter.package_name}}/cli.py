@@ -13,7 +13,6 @@ line at the start of `fit` with the effective batch size and the precision.
 import os
 import pickle
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -21,23 +20,16 @@ import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .callbacks import PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
 from .data.batches import InMemoryDataModule
-from .errors import UserError
+from .errors import UserError, brief, checkpoint_error, say
 from .models import Classifier
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist_mlp.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
-
-
-@rank_zero_only
-def say(message: str) -> None:
-    """Print from the first process only: multi-GPU and multi-node runs start one process per device."""
-    print(message, flush=True)
 
 
 def uses_cuda(accelerator) -> bool:
@@ -185,18 +177,8 @@ class CLI(LightningCLI):
         path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
         try:
             super()._parse_ckpt_path()
-        except pickle.UnpicklingError as err:
-            if not zipfile.is_zipfile(path):  # not written by torch.save at all
-                raise UserError(f"{path}: not a readable checkpoint (not a file written by torch.save)") from None
-            raise UserError(
-                f"{path}: refused to load: it holds objects that safe loading "
-                f"(torch.load(weights_only=True)) does not allow ({brief(err)}). "
-                "Only checkpoints written by this project are accepted"
-            ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-            raise UserError(
-                f"{path}: not a readable checkpoint ({brief(err)}); it may be truncated: use another .ckpt file"
-            ) from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+            raise checkpoint_error(path, path, err) from None
 
 
 def run(args=None, callbacks=()) -> CLI:
@@ -216,11 +198,6 @@ def run(args=None, callbacks=()) -> CLI:
         parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},
         args=args,
     )
-
-
-def brief(err: object) -> str:
-    """The first line of an exception's message, cut at a word boundary."""
-    return textwrap.shorten(str(err).splitlines()[0] if str(err) else type(err).__name__, 160)
 
 
 def explain(err: BaseException | None) -> str | None:

@@ -22,7 +22,6 @@ import os
 import pickle
 import sys
 import tempfile
-import textwrap
 import warnings
 import zipfile
 from pathlib import Path
@@ -30,15 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, brief, checkpoint_error
 
 FORMATS = {"exported_program": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
 ONNX_EXTRA = "pip install -e '.[onnx]'"
-
-
-def brief(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return textwrap.shorten(text, 160)
 
 
 def resolve_checkpoint(given: str, log_dir: Path) -> Path:
@@ -46,14 +40,12 @@ def resolve_checkpoint(given: str, log_dir: Path) -> Path:
     if given in ("best", "last"):
         from .cli import newest_checkpoint
 
-        runs = [p for p in log_dir.glob("*") if p.is_dir()]
-        found = [c for c in (newest_checkpoint(run, given) for run in runs) if c is not None]
-        if not found:
+        path = newest_checkpoint(log_dir, given, version="*/*")  # any run name, any version
+        if path is None:
             raise UserError(
                 f"--ckpt_path={given}: no {given} checkpoint under {log_dir}/*/*/checkpoints "
                 "(train first with `python train.py fit`, give --log_dir, or give a .ckpt path)"
             )
-        path = max(found, key=lambda p: p.stat().st_mtime)
         print(f"Using checkpoint {path}")
         return path
     path = Path(given)
@@ -71,20 +63,13 @@ def load_classifier(path: Path):
 
     try:
         model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True, compile=False)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"{path}: refused to load: it holds objects that safe loading (torch.load(weights_only=True)) "
-            f"does not allow ({brief(err)}). Only checkpoints written by this project are accepted"
-        ) from None
     except RuntimeError as err:
         if "loading state_dict" in str(err):
             detail = brief(str(err).split("\n", 1)[-1])
             raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
-        raise UserError(f"{path}: not a readable checkpoint ({brief(err)}); it may be truncated") from None
-    except (EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError) as err:
-        raise UserError(
-            f"{path}: not a readable checkpoint ({brief(err)}); give a .ckpt file written by `fit`"
-        ) from None
+        raise checkpoint_error(path, path, err) from None
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError) as err:
+        raise checkpoint_error(path, path, err) from None
     return model.eval()
 
 

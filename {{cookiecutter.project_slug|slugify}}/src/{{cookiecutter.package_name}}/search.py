@@ -46,8 +46,8 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from .cli import brief, explain, run
-from .errors import UserError
+from .cli import explain, run
+from .errors import UserError, brief
 
 TYPES = {
     "float": ({"type", "low", "high"}, {"log", "step"}),

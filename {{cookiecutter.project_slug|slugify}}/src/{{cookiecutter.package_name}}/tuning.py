@@ -20,8 +20,7 @@ keep the value found, and then the ordinary training run follows with it. Ours a
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .cli import say
-from .errors import UserError
+from .errors import UserError, say
 
 
 class LRFinder(LearningRateFinder):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, say
 from .finetune import add_lora, is_adapter, load_init_weights, merge_lora
 from .metrics import ClassificationScores
 from .nets import build_backbone
@@ -138,7 +138,7 @@ class Classifier(L.LightningModule):
         self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
         self._apply_freezing(self.current_epoch)
         if self.hparams.freeze_backbone and self.current_epoch == self.hparams.unfreeze_at_epoch:
-            self._say(f"Epoch {self.current_epoch}: backbone unfrozen. {self._trainable()}")
+            say(f"Epoch {self.current_epoch}: backbone unfrozen. {self._trainable()}")
 
     def on_train_start(self):
         # A run resumed mid-epoch (fit --ckpt_path=...) starts without on_train_epoch_start.
@@ -220,10 +220,6 @@ class Classifier(L.LightningModule):
             what = "head + LoRA adapters" if self.hparams.lora_rank else "the whole model"
         return f"Trainable parameters: {count:,} of {total:,} ({100 * count / total:.1f}%): {what}"
 
-    def _say(self, message: str) -> None:
-        if self._trainer is None or self.trainer.is_global_zero:
-            print(message, flush=True)
-
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
@@ -248,9 +244,9 @@ class Classifier(L.LightningModule):
         if result is not None and self.trainer.ckpt_path is None:  # not resuming
             if isinstance(result, UserError):
                 raise result
-            self._say(result)
+            say(result)
         self._apply_freezing(self.current_epoch, modes=False)  # modes: at each epoch's start
-        self._say(self._trainable())
+        say(self._trainable())
 
     def on_predict_start(self) -> None:
         if self.hparams.lora_rank:

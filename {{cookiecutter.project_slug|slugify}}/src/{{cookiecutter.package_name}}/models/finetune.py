@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, checkpoint_error
 
 ADAPTER_KEYS = ("lora_a", "lora_b", "scale")
 
@@ -109,11 +109,6 @@ def merge_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return merged
 
 
-def _brief(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return textwrap.shorten(text, 160)
-
-
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors of a checkpoint written by `fit` (adapters merged) and its hyperparameters."""
     if not Path(path).is_file():
@@ -123,17 +118,8 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"--model.init_from={path}: refused to load: it holds objects that safe loading "
-            f"(torch.load(weights_only=True)) does not allow ({_brief(err)}). "
-            "Only checkpoints written by this project are accepted"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise UserError(
-            f"--model.init_from={path}: not a readable checkpoint ({_brief(err)}); "
-            "it may be truncated: use another .ckpt file"
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise checkpoint_error(f"--model.init_from={path}", path, err) from None
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(
