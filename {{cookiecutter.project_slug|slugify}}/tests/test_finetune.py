@@ -362,13 +362,13 @@ def test_finetune_config_after_the_cnn_config(workdir, capsys):
     run_cli("fit", f"--config={configs / 'mnist_cnn.yaml'}", *SMALL, *SHORT)
     best = Path("logs") / "mnist_cnn" / "version_0" / "checkpoints" / "best.ckpt"
     finetune = f"--config={configs / 'finetune.yaml'}"
-    cli = run(["fit", finetune, *SMALL, *SHORT, "--trainer.max_epochs=2", "--model.unfreeze_at_epoch=1",
+    cli = run(["fit", *SMALL, finetune, *SHORT, "--trainer.max_epochs=2", "--model.unfreeze_at_epoch=1",
                f"--model.init_from={best}"])  # fmt: skip
     out = capsys.readouterr().out
     assert "backbone loaded; the head starts fresh (the checkpoint's classes 0, 1, 2" in out
     assert "head only (backbone frozen until epoch 1)" in out and "Epoch 1: backbone unfrozen" in out
     assert torch.bincount(cli.datamodule.splits["train"][1]).tolist() == [20] * 10
-    tested = run(["test", finetune, *SMALL, "--ckpt_path=best"])
+    tested = run(["test", *SMALL, finetune, "--ckpt_path=best"])
     assert "test/acc" in tested.trainer.callback_metrics
 
 
