@@ -56,7 +56,7 @@ def write_data(folder: Path, train: int, test: int = 100) -> None:
 def fit_command(folder: Path, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable, str(ROOT / "train.py"), "fit", f"--config={folder / 'every.yaml'}",
-        f"--data.data_dir={folder / 'data'}", "--data.download=false", "--data.val_size=100",
+        f"--data.data_dir={folder / 'data'}", "--data.name=mnist", "--data.download=false", "--data.val_size=100",
         "--data.batch_size=32", "--model.width=64", "--model.dropout=0.2", f"--trainer.max_epochs={epochs}",
         "--trainer.accelerator=cpu", "--trainer.deterministic=true", "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -70,7 +70,7 @@ def environment() -> dict:
 
 
 def last_ckpt(workdir: Path) -> Path:
-    return workdir / "logs" / "mnist_mlp" / "run" / "checkpoints" / "last.ckpt"
+    return workdir / "logs" / "digits_mlp" / "run" / "checkpoints" / "last.ckpt"
 
 
 def step_of(path: Path) -> int | str:
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             expected["state_dict"]
         )
         same = same and all(torch.equal(final["state_dict"][k], v) for k, v in expected["state_dict"].items())
-        versions = sorted(p.name for p in (workdir / "logs" / "mnist_mlp").iterdir())
+        versions = sorted(p.name for p in (workdir / "logs" / "digits_mlp").iterdir())
         verdict = "weights equal the reference" if same else "FAIL: weights differ from the reference"
         if versions != ["run"]:
             verdict += f"; FAIL: run folders {versions}"

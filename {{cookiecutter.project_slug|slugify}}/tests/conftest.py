@@ -51,7 +51,12 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 # Options that keep a CLI run small and quiet on the synthetic MNIST above (named explicitly:
 # the default config may train on another data set). A later --config can still change the data.
-SMALL = ["--data.name=mnist", "--data.val_size=100", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+SMALL = [
+    "--data.name=mnist",
+    "--data.val_size=100",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def run_cli(*args: str) -> None:
@@ -59,8 +64,8 @@ def run_cli(*args: str) -> None:
     main(list(args))
 
 
-def run_train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python train.py ARGS` in a fresh process, for exit codes and output."""
+def run_train_py(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python train.py ARGS` in a fresh process, for exit codes and output (`env`: added variables)."""
     # The package's source first, so that it is found without `pip install -e .` too.
     pythonpath = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run(
@@ -69,7 +74,7 @@ def run_train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONPATH": pythonpath},
+        env={**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONPATH": pythonpath, **(env or {})},
     )
 
 

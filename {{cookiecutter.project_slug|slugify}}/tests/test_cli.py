@@ -18,7 +18,7 @@ from {{ cookiecutter.package_name }}.models import Classifier
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-RUN = Path("logs") / "mnist_mlp" / "version_0"  # where the default config's first run logs
+RUN = Path("logs") / "digits_mlp" / "version_0"  # where the default config's first run logs
 QUIET = [a for a in SMALL if not a.startswith("--data.")]  # for any data module
 
 
@@ -39,7 +39,9 @@ def data_args(config: Path, where: Path) -> list[str]:
 
 
 def test_every_config_is_found():
-    assert {"mnist_mlp", "mnist_cnn", "fashion_mnist_cnn", "custom_csv", "custom_images"} <= {c.stem for c in CONFIGS}
+    assert {"digits_mlp", "mnist_mlp", "mnist_cnn", "fashion_mnist_cnn", "custom_csv", "custom_images"} <= {
+        c.stem for c in CONFIGS
+    }
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
@@ -179,7 +181,7 @@ def test_second_fit_gets_a_new_version_and_resume_continues_the_newest(workdir):
     short = ["--trainer.max_epochs=1", "--trainer.limit_val_batches=1"]
     steps = fit(*short).trainer.global_step
     assert fit(*short).trainer.global_step == steps
-    runs = workdir / "logs" / "mnist_mlp"
+    runs = workdir / "logs" / "digits_mlp"
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
     assert all((runs / v / "config.yaml").is_file() for v in ("version_0", "version_1"))
 

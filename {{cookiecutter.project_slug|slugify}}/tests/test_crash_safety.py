@@ -22,7 +22,7 @@ from {{ cookiecutter.package_name }}.cli import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
-RUNS = Path("logs") / "mnist_mlp"
+RUNS = Path("logs") / "digits_mlp"
 LAST = RUNS / "version_0" / "checkpoints" / "last.ckpt"
 
 
@@ -184,7 +184,7 @@ def test_stop_signal_saves_exits_cleanly_and_the_run_continues_in_the_same_folde
     step = torch.load(workdir / LAST, weights_only=True)["global_step"]
     assert 1 <= step < 24  # stopped early: 8 steps per epoch, 3 epochs
     message = [line for line in out.splitlines() if line.startswith(f"Received {name}")]
-    assert message == [f"Received {name}: saved {Path('logs/mnist_mlp/version_0/checkpoints/last.ckpt').resolve()}; "
+    assert message == [f"Received {name}: saved {Path('logs/digits_mlp/version_0/checkpoints/last.ckpt').resolve()}; "
                        f"resume with: python train.py fit {' '.join(args)} --ckpt_path=last"], out  # fmt: skip
 
     resumed = run_train_py("fit", *args[:-1], "--ckpt_path=last", cwd=workdir)
@@ -253,7 +253,7 @@ def test_a_requeued_slurm_job_continues_in_its_own_folder(workdir):
     (workdir / "configs").symlink_to(ROOT / "configs")
     (workdir / "train.py").symlink_to(ROOT / "train.py")
     pythonpath = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    options = ["--config=configs/mnist_mlp.yaml", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+    options = ["--config=configs/digits_mlp.yaml", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
                "--trainer.strategy=auto", *SMALL, "--trainer.limit_train_batches=2",
                "--trainer.limit_val_batches=1"]  # fmt: skip
 

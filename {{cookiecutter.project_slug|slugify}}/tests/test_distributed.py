@@ -70,7 +70,7 @@ def check_shards_and_reduced_metrics(ranks: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_fit_resume_and_test_on_one(workdir):
-    run = workdir / "logs" / "mnist_mlp"
+    run = workdir / "logs" / "digits_mlp"
     # `--trainer.devices=2` is the only change: Lightning picks DDP and starts a second process.
     fitted = train("fit", "--trainer.devices=2", "--trainer.max_epochs=1", *CPU, cwd=workdir)
     assert summary(fitted.stdout) == [
@@ -177,7 +177,7 @@ def test_two_nodes_with_torchrun(tmp_path):
     assert {r["cluster_environment"] for r in ranks} == {"TorchElasticEnvironment"}
     check_shards_and_reduced_metrics(ranks)
     # Node 0 wrote the logs and checkpoints; node 1 wrote nothing but its probe record.
-    assert {"logs/mnist_mlp/version_0/checkpoints/last.ckpt", "logs/mnist_mlp/version_0/config.yaml"} <= set(
+    assert {"logs/digits_mlp/version_0/checkpoints/last.ckpt", "logs/digits_mlp/version_0/config.yaml"} <= set(
         files_under(nodes[0])
     )
     assert [f for f in files_under(nodes[1]) if not f.startswith("data/")] == ["probe/fit-rank1.json"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import synthetic_digits, write_dataset
 
+from {{ cookiecutter.package_name }}.data.download import main as download_main
 from {{ cookiecutter.package_name }}.data.mnist import DATASETS, FILES, MNISTDataModule
 from {{ cookiecutter.package_name }}.errors import UserError
 
@@ -162,6 +163,46 @@ def test_unreachable_mirror(tmp_path):
     for stem in FILES:
         assert stem in message
     assert names(tmp_path / "data") == []
+    assert message.count(url) == 1  # one mirror, named once, not once per file
+
+
+def test_each_failed_mirror_is_named_once(tmp_path, monkeypatch):
+    dead = [f"http://127.0.0.1:{closed_port()}/a/", f"http://127.0.0.1:{closed_port()}/b/"]
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", dead)
+    with pytest.raises(UserError) as err:
+        module(tmp_path, None).prepare_data()
+    message = str(err.value)
+    assert [message.count(url) for url in dead] == [1, 1]
+    assert message.count("refused") == 2
+
+
+def test_download_command_fetches_into_the_configs_folder(tmp_path, mirror, capsys):
+    """`python -m <package>.data.download mnist` on a login node; then `fit` needs no network."""
+    data = tmp_path / "data"
+    assert download_main(["mnist", "--data_dir", str(data), "--mirror", mirror.url]) == 0
+    assert names(data / "mnist") == sorted(f"{stem}.gz" for stem in FILES)
+    assert capsys.readouterr().out.strip() == f"mnist: ready in {data / 'mnist'}"
+    dm = MNISTDataModule(data_dir=str(data), download=False, val_size=20)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.splits["test"][1]) == N_TEST
+    assert download_main(["mnist", "--data_dir", str(data), "--mirror", mirror.url]) == 0
+    assert len(mirror.server.requests) == len(FILES)  # already there: nothing fetched again
+
+
+def test_download_command_reports_one_error_line(tmp_path, capsys):
+    url = f"http://127.0.0.1:{closed_port()}/"
+    assert download_main(["kmnist", "--data_dir", str(tmp_path), "--mirror", url]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR: kmnist: missing") and url in err[0]
+    assert names(tmp_path) == []
+
+
+def test_download_command_refuses_the_shipped_digits(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        download_main(["digits"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'digits'" in capsys.readouterr().err
 
 
 def test_file_missing_on_mirror(tmp_path, mirror):

@@ -28,7 +28,7 @@ def table(where: Path) -> None:
 
 def truncated_checkpoint(where: Path) -> None:
     run_cli("fit", *SMALL, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
-    real = (where / "logs" / "mnist_mlp" / "version_0" / "checkpoints" / "last.ckpt").read_bytes()
+    real = (where / "logs" / "digits_mlp" / "version_0" / "checkpoints" / "last.ckpt").read_bytes()
     (where / "truncated.ckpt").write_bytes(real[:100])
 
 
@@ -46,7 +46,7 @@ CASES = [
     ("yaml-syntax", ["fit", "--config=broken.yaml"], broken_yaml, 2, ["parsing config", "flow sequence", "line 3"]),
     (
         "data-offline",
-        ["fit", "--data.download=false", "--data.data_dir=empty"],
+        ["fit", "--data.name=mnist", "--data.download=false", "--data.data_dir=empty"],
         empty_data_dir,
         1,
         ["missing", "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "empty/mnist", "download=true"],

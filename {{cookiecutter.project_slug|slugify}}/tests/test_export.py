@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory) -> Path:
             "fit", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
             "--model.width=32", *SMALL,
         )  # fmt: skip
-    return root / "logs" / "mnist_mlp" / "version_0" / "checkpoints" / "last.ckpt"
+    return root / "logs" / "digits_mlp" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def reference(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_each_format_matches_the_model(checkpoint, tmp_path, capsys, fmt, suffix
 
 def test_default_output_and_format_and_best_last(checkpoint, tmp_path, capsys):
     logs = tmp_path / "logs"
-    run = logs / "mnist_mlp" / "version_0" / "checkpoints"
+    run = logs / "digits_mlp" / "version_0" / "checkpoints"
     run.mkdir(parents=True)
     ckpt = Path(shutil.copy(checkpoint, run / "last.ckpt"))
 

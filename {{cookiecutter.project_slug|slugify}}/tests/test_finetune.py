@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 MLP = ["--model.width=32"]  # the pretrained checkpoint's backbone: mlp 784-32-32
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
-CHECKPOINTS = Path("logs") / "mnist_mlp" / "version_0" / "checkpoints"
+CHECKPOINTS = Path("logs") / "digits_mlp" / "version_0" / "checkpoints"
 
 
 @pytest.fixture(scope="module")

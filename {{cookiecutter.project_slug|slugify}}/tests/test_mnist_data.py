@@ -73,6 +73,19 @@ def test_finds_files_in_own_and_torchvision_layout(tmp_path, name, folder, suffi
     assert torch.equal(y_test, test[1].long())
 
 
+def test_data_dir_may_be_the_folder_that_holds_the_files(tmp_path):
+    """--data.data_dir=/some/folder holding the four IDX files, as copied from elsewhere."""
+    train, test = write_files(tmp_path / "copied", suffix="")
+    dm = make(tmp_path / "copied")
+    assert {split: len(y) for split, (_, y) in dm.splits.items()} == {
+        "train": N_TRAIN - VAL,
+        "val": VAL,
+        "test": N_TEST,
+    }
+    assert torch.equal(dm.splits["test"][0][:, 0], test[0])
+    assert dm.folder_of(FILES[0]) == tmp_path / "copied"
+
+
 def test_files_may_be_spread_over_folders_and_formats(tmp_path):
     write_files(tmp_path / "mnist", suffix="", only=FILES[:2])
     write_files(tmp_path / "MNIST" / "raw", suffix=".gz", only=FILES[2:])

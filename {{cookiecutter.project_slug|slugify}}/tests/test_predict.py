@@ -45,10 +45,10 @@ def check_rows(rows: list[dict[str, str]], probs: torch.Tensor, names: list[str]
 
 def test_predict_from_best_checkpoint_writes_csv_of_the_test_split(workdir, capsys):
     run(["fit", *SMALL, "--data.name=fashion_mnist", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"])
-    best = workdir / "logs" / "mnist_mlp" / "version_0" / "checkpoints" / "best.ckpt"
+    best = workdir / "logs" / "digits_mlp" / "version_0" / "checkpoints" / "best.ckpt"
     capsys.readouterr()
     cli = run(["predict", *SMALL, "--data.name=fashion_mnist", "--ckpt_path=best"])
-    out = workdir / "logs" / "mnist_mlp" / "version_1" / "predictions.csv"  # the predict run's own folder
+    out = workdir / "logs" / "digits_mlp" / "version_1" / "predictions.csv"  # the predict run's own folder
     assert f"Predictions for 200 samples written to {Path(cli.trainer.log_dir) / 'predictions.csv'}" in (
         capsys.readouterr().out
     )

@@ -212,7 +212,7 @@ def test_gradient_clipping_bounds_the_gradient_norm(workdir, clip):
 
 def test_run_configs_name_accumulation_and_clipping():
     """Both are plain trainer options, visible in the default config every run starts from."""
-    trainer = yaml.safe_load((ROOT / "configs" / "mnist_mlp.yaml").read_text())["trainer"]
+    trainer = yaml.safe_load((ROOT / "configs" / "digits_mlp.yaml").read_text())["trainer"]
     assert trainer["accumulate_grad_batches"] == 1 and "gradient_clip_val" in trainer
 
 

@@ -25,7 +25,7 @@ from {{ cookiecutter.package_name }}.cli import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
-RUN = Path("logs") / "mnist_mlp" / "version_0"
+RUN = Path("logs") / "digits_mlp" / "version_0"
 # Two short epochs at a low learning rate: the model is still poor, so there are mistakes to show.
 SHORT = [*SMALL, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--model.lr=1e-5"]
 
@@ -106,7 +106,7 @@ def test_every_n_epochs_and_tables(workdir):
     found = events(workdir / RUN)
     assert [e.step for e in found.Images("val/confusion_matrix")] == [found.Scalars("val/acc")[-1].step]
     run(["fit", *SHORT, "--tensorboard.every_n_epochs=0"])
-    assert events(workdir / "logs" / "mnist_mlp" / "version_1").Tags()["images"] == []
+    assert events(workdir / "logs" / "digits_mlp" / "version_1").Tags()["images"] == []
 
     # A table is no image: a confusion matrix, no grid of samples.
     table = write_table(workdir / "table.csv")
@@ -141,7 +141,7 @@ def test_a_tensorboard_server_serves_the_runs_scalars_and_hparams(workdir):
         stderr=subprocess.PIPE,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
-    base, name = f"http://127.0.0.1:{port}/data/plugin", "mnist_mlp/version_0"
+    base, name = f"http://127.0.0.1:{port}/data/plugin", "digits_mlp/version_0"
     try:
         deadline, tags = time.monotonic() + 60, {}
         while name not in tags:

@@ -3,7 +3,7 @@
 `PredictionWriter` turns `python train.py predict` into a CSV file, one row per sample.
 `TensorBoardViews` adds, at the end of validation, a confusion-matrix image and a grid of
 misclassified images, and lists hyperparameters with metrics in the HPARAMS tab. Both are
-set in configs/mnist_mlp.yaml; each acts only in the subcommands it concerns.
+set in configs/digits_mlp.yaml; each acts only in the subcommands it concerns.
 """
 
 import csv

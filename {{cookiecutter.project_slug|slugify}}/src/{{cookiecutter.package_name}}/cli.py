@@ -27,7 +27,7 @@ from .data.batches import InMemoryDataModule
 from .errors import UserError, brief, checkpoint_error, say
 from .models import Classifier
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist_mlp.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
 

@@ -1,6 +1,6 @@
 """Export a trained model for inference without this project, and check it against PyTorch.
 
-    python -m {{ cookiecutter.package_name }}.export --ckpt_path logs/mnist_mlp/version_0/checkpoints/best.ckpt
+    python -m {{ cookiecutter.package_name }}.export --ckpt_path logs/digits_mlp/version_0/checkpoints/best.ckpt
     python -m {{ cookiecutter.package_name }}.export --ckpt_path best --format onnx     # needs: pip install -e '.[onnx]'
 
 Formats: `exported_program` (torch.export, a .pt2 file: `torch.export.load(path).module()`),
