@@ -59,8 +59,8 @@ def run_cli(*args: str) -> None:
     main(list(args))
 
 
-def run_train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python train.py ARGS` in a fresh process, for exit codes and output."""
+def run_train_py(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python train.py ARGS` in a fresh process, for exit codes and output (`env`: more variables)."""
     # The package's source first, so that it is found without `pip install -e .` too.
     pythonpath = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run(
@@ -69,7 +69,7 @@ def run_train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONPATH": pythonpath},
+        env={**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONPATH": pythonpath, **(env or {})},
     )
 
 
