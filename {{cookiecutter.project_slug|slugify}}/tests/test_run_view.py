@@ -71,6 +71,9 @@ def test_evaluations_land_in_the_run_they_evaluate(workdir, capsys):
     curve = scalars(run_dir, "val/acc")
     assert len(curve) == 3 and curve[-1][0] == best_step
     assert curve[-1][1] == pytest.approx(dict(fitted)[best_step])
+    images = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    images.Reload()
+    assert [e.step for e in images.Images("val/confusion_matrix")][-1] == best_step  # its image too
 
     # predict writes its CSV into the run; the run's config stays that of fit.
     run(["predict", *SMALL, "--ckpt_path=best"])

@@ -137,7 +137,7 @@ class Classifier(L.LightningModule):
         self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
         if stage != "train" and self.trainer.state.fn != "fit" and self.checkpoint_step is not None:
             # validate/test of a checkpoint: its values go on the run's charts where the weights were saved.
-            self.log("step", float(self.checkpoint_step))
+            self.log("step", float(self.checkpoint_step), sync_dist=True)
         if stage == "val":
             self.log("hp_metric", values["val/acc"], sync_dist=True)  # TensorBoard's HPARAMS tab
 
