@@ -48,7 +48,7 @@ def test_predict_from_best_checkpoint_writes_csv_of_the_test_split(workdir, caps
     best = workdir / "logs" / "digits_mlp" / "version_0" / "checkpoints" / "best.ckpt"
     capsys.readouterr()
     cli = run(["predict", *SMALL, "--data.name=fashion_mnist", "--ckpt_path=best"])
-    out = workdir / "logs" / "digits_mlp" / "version_1" / "predictions.csv"  # the predict run's own folder
+    out = workdir / "logs" / "digits_mlp" / "version_0" / "predictions.csv"  # in the run of the checkpoint
     assert f"Predictions for 200 samples written to {Path(cli.trainer.log_dir) / 'predictions.csv'}" in (
         capsys.readouterr().out
     )

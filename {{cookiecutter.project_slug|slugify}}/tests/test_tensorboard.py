@@ -132,6 +132,7 @@ def http(url: str, body: dict | None = None):
 
 def test_a_tensorboard_server_serves_the_runs_scalars_and_hparams(workdir):
     run(["fit", *SHORT])
+    tested = run(["test", *SMALL, "--ckpt_path=best"]).trainer.callback_metrics  # added to the same run
     found = events(workdir / RUN)
     port = free_port()
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", "logs", "--host", "127.0.0.1"]
@@ -151,22 +152,26 @@ def test_a_tensorboard_server_serves_the_runs_scalars_and_hparams(workdir):
                 tags = http(f"{base}/scalars/tags")
             except OSError:
                 time.sleep(0.3)
-        assert {"val/acc", "val/loss", "train/loss_epoch"} <= set(tags[name])
+        assert set(tags) == {name}  # the test is no run of its own
+        assert {"val/acc", "val/loss", "train/loss_epoch", "test/acc", "test/loss"} <= set(tags[name])
 
         served = http(f"{base}/scalars/scalars?run={name}&tag=val/acc")  # [[wall time, step, value], ...]
         logged = found.Scalars("val/acc")
         assert [(s, v) for _, s, v in served] == [(e.step, pytest.approx(e.value)) for e in logged]
         assert len(served) == 2
 
-        # HPARAMS: the hyperparameters with each metric's final value.
+        # HPARAMS: one row, the training run, with each metric's final value: validation and test.
         statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
-        columns = [{"hparam": "lr"}, *({"metric": {"tag": t, "group": ""}} for t in ("val/acc", "val/loss"))]
+        metrics = ("val/acc", "val/loss", "test/acc", "test/loss")
+        columns = [{"hparam": "lr"}, *({"metric": {"tag": t, "group": ""}} for t in metrics)]
         request = {"startIndex": 0, "sliceSize": 10, "allowedStatuses": statuses, "colParams": columns}
         (group,) = http(f"{base}/hparams/session_groups", request)["sessionGroups"]
         assert group["hparams"]["lr"] == pytest.approx(1e-5)
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         assert values["val/acc"] == pytest.approx(logged[-1].value)
         assert values["val/loss"] == pytest.approx(found.Scalars("val/loss")[-1].value)
+        assert values["test/acc"] == pytest.approx(tested["test/acc"].item())
+        assert values["test/loss"] == pytest.approx(tested["test/loss"].item())
     finally:
         server.terminate()
         try:

@@ -1,4 +1,5 @@
-"""Callbacks of the default config: the prediction CSV, and what TensorBoard shows beyond curves.
+"""Callbacks of the default config: the prediction CSV, what TensorBoard shows beyond curves,
+and the model summary table.
 
 `PredictionWriter` turns `python train.py predict` into a CSV file, one row per sample.
 `TensorBoardViews` adds, at the end of validation, a confusion-matrix image and a grid of
@@ -7,6 +8,7 @@ set in configs/digits_mlp.yaml; each acts only in the subcommands it concerns.
 """
 
 import csv
+import importlib.util
 import os
 from pathlib import Path
 from typing import Literal
@@ -14,9 +16,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
+from torchmetrics import Metric
 
 from .errors import say
 
@@ -137,6 +140,26 @@ class PredictionWriter(BasePredictionWriter):
             self._part.unlink(missing_ok=True)
 
 
+class LayerTable(ModelSummary):
+    """Lightning's model summary (the CLI uses it instead of Lightning's own), without the rows of
+    the metrics, which have no parameters and compute nothing in the forward pass.
+
+    With the module's `example_input_array` set, the table also lists each layer's input and output
+    shapes and FLOPs, counted for that example batch. Rich draws it when installed, as in Lightning.
+    """
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.hidden = {name for name, module in pl_module.named_children() if isinstance(module, Metric)}
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data, *args, **kwargs) -> None:
+        keep = [i for i, name in enumerate(dict(summary_data)["Name"]) if name not in self.hidden]
+        rows = [(column, [values[i] for i in keep]) for column, values in summary_data]
+        rows[0] = (rows[0][0], [str(i) for i in range(len(keep))])  # the row numbers, 0, 1, ...
+        draw = RichModelSummary.summarize if importlib.util.find_spec("rich") else ModelSummary.summarize
+        draw(rows, *args, **kwargs)
+
+
 def flatten(params: dict, prefix: str = "") -> dict[str, int | float | str]:
     """Nested hyperparameters as one level of numbers and strings, as TensorBoard's HPARAMS takes them."""
     flat = {}
@@ -251,6 +274,8 @@ class TensorBoardViews(Callback):
         logger = self._tensorboard(trainer)
         if logger is None or stage == "predict" or not self.hparams_metrics or not trainer.is_global_zero:
             return
+        if len(list(Path(logger.log_dir).glob("*tfevents*"))) > 1:  # Lightning has opened this run's file
+            return  # a resumed run, or an evaluation added to a run: it has its record
         from torch.utils.tensorboard.summary import hparams
 
         params = flatten({k: v for k, v in pl_module.hparams_initial.items() if not k.startswith("_")})
@@ -308,8 +333,12 @@ class TensorBoardViews(Callback):
         if not trainer.is_global_zero:
             return
         experiment = self._tensorboard(trainer).experiment
-        # The step Lightning gives the validation scalars, so that images and curves line up.
+        # The step Lightning gives the validation scalars, so that images and curves line up
+        # (for `validate` of a checkpoint, the step at which fit logged that epoch's validation).
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        trained = getattr(pl_module, "checkpoint_step", None)
+        if trainer.state.fn != "fit" and trained is not None:
+            step = trained
         if counts is not None:
             names = class_names(pl_module, len(counts))
             image = confusion_image(counts, names)

@@ -3,7 +3,8 @@
 LightningCLI builds the model, the data and the Trainer from YAML and flags. This file
 adds what a user should not have to think about: the data's class count and input shape
 flow into the model, `--ckpt_path=best|last` finds the newest such checkpoint of the run,
-and mistakes come out as one `ERROR:` line instead of a traceback.
+`validate`, `test` and `predict` of a run's checkpoint add their results to that run, and
+mistakes come out as one `ERROR:` line instead of a traceback.
 
 Hardware is the Trainer's business (configs/trainer/*.yaml); here only: TF32 matrix
 products on NVIDIA GPUs, bf16 falling back to float16 on GPUs without bfloat16, and one
@@ -17,18 +18,20 @@ import zipfile
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from .callbacks import PredictionWriter, TensorBoardViews
+from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
 from .data.batches import InMemoryDataModule
 from .errors import UserError, brief, checkpoint_error, say
 from .models import Classifier
+from .quiet import quiet
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EVALUATIONS = ("validate", "test", "predict")
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
 
 
@@ -113,7 +116,27 @@ def newest_checkpoint(root: Path, which: str, version: str = "*") -> Path | None
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def run_folder(checkpoint: Path) -> Path | None:
+    """The run folder (logs/<name>/version_N) whose checkpoints/ holds `checkpoint`, or None."""
+    run = checkpoint.parent.parent
+    is_run = any((run / name).is_file() for name in ("config.yaml", "hparams.yaml"))
+    return run if checkpoint.parent.name == "checkpoints" and is_run else None
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """`fit` writes the run's `config.yaml`; `validate`, `test` and `predict` write theirs as
+    `<subcommand>_config.yaml`, so an evaluation added to a run never replaces the config that trained it."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        stage = getattr(stage, "value", stage)  # a TrainerFn: 'fit', 'validate', ...
+        if stage != "fit":
+            self.config_filename = f"{stage}_config.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
 class CLI(LightningCLI):
+    joined = None  # (run folder, subcommand, that subcommand's earlier event files) when an evaluation joins a run
+
     def add_arguments_to_parser(self, parser) -> None:
         for name in ("num_classes", "input_shape", "class_names"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
@@ -133,6 +156,10 @@ class CLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        # Lightning's model summary, without the metrics' rows; Lightning then adds none of its own.
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            config["callbacks"] = [*(config.get("callbacks") or []), LayerTable()]
+            config["enable_model_summary"] = False
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -143,6 +170,36 @@ class CLI(LightningCLI):
         sub = self.config.get("subcommand")
         if sub and self.config[sub].get("ckpt_path"):
             self._resolve_ckpt_path(sub, self.config[sub])
+            if sub in EVALUATIONS:
+                self._join_run(sub, self.config[sub])
+
+    def _join_run(self, sub: str, config) -> None:
+        """Log an evaluation of a run's checkpoint into that run (logs/<name>/version_N), as TensorBoard
+        shows it: its metrics on the run's charts and in the run's HPARAMS row.
+
+        Each evaluation writes its own event file, `events.out.tfevents.*.<subcommand>`; once it has
+        finished, those of earlier evaluations of the same kind are deleted, so a run holds the metrics
+        of its latest `test` (and `validate`) only. The run's config.yaml and hparams.yaml stay as `fit`
+        wrote them (SaveRunConfig; Lightning writes hparams.yaml only when there is none).
+        """
+        logger = config.trainer.get("logger")
+        init = getattr(logger, "init_args", None)
+        run = run_folder(Path(config.ckpt_path))
+        if run is None or init is None or not str(logger.class_path).endswith("TensorBoardLogger"):
+            return  # a checkpoint from elsewhere, or another logger: the evaluation gets a folder of its own
+        init.save_dir, init.name, init.version = str(run.parent.parent), run.parent.name, run.name
+        init.default_hp_metric = False  # the run has its HPARAMS record and hp_metric already
+        logger.dict_kwargs = {**(logger.get("dict_kwargs") or {}), "filename_suffix": f".{sub}"}
+        self.joined = (run, sub, set(run.glob(f"events.out.tfevents.*.{sub}")))
+        say(f"Results are added to the checkpoint's run, {run}")
+
+    def _replace_earlier_results(self) -> None:
+        if self.joined is not None and self.trainer.is_global_zero:
+            for path in self.joined[2]:
+                path.unlink(missing_ok=True)
+
+    # LightningCLI calls these after the subcommand has finished without an error.
+    after_validate = after_test = after_predict = _replace_earlier_results
 
     def _resolve_ckpt_path(self, sub: str, config) -> None:
         """Turn 'best'/'last' into a file of this run's logs; check that the file exists."""
@@ -186,6 +243,7 @@ def run(args=None, callbacks=()) -> CLI:
 
     `callbacks`: Callback objects added to the Trainer's (the hyperparameter search passes its own).
     """
+    quiet()
     kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.is_file() else {}
     return CLI(
         Classifier,
@@ -193,6 +251,7 @@ def run(args=None, callbacks=()) -> CLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RunSummary(), *callbacks]},  # added to the config's, never replaced
         parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},

@@ -194,6 +194,8 @@ class InMemoryDataModule(L.LightningDataModule):
         return self._loader(self.predict_split)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, torch.Tensor):  # the model summary's example input: already the network's input
+            return batch
         x, y = batch
         if self.mean.device != x.device:
             self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)

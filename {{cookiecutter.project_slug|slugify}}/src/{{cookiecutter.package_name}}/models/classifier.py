@@ -10,12 +10,13 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from ..errors import UserError, say
 from .finetune import add_lora, is_adapter, load_init_weights, merge_lora
 from .metrics import ClassificationScores
-from .nets import build_backbone
+from .nets import build_backbone, example_batch
 
 
 class Classifier(L.LightningModule):
@@ -93,6 +94,9 @@ class Classifier(L.LightningModule):
         self.val_metrics = ClassificationScores(num_classes, prefix="val/")
         self.test_metrics = ClassificationScores(num_classes, prefix="test/")
         self._apply_freezing(epoch=0, modes=False)
+        # The model summary runs this through the network: each layer's shapes and FLOPs.
+        self.example_input_array = example_batch(input_shape)
+        self.checkpoint_step = None  # where on the run's charts the loaded checkpoint was saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone if self.compiled is None else self.compiled
@@ -131,6 +135,9 @@ class Classifier(L.LightningModule):
         values = metrics.compute()
         metrics.reset()
         self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
+        if stage != "train" and self.trainer.state.fn != "fit" and self.checkpoint_step is not None:
+            # validate/test of a checkpoint: its values go on the run's charts where the weights were saved.
+            self.log("step", float(self.checkpoint_step), sync_dist=True)
         if stage == "val":
             self.log("hp_metric", values["val/acc"], sync_dist=True)  # TensorBoard's HPARAMS tab
 
@@ -220,7 +227,16 @@ class Classifier(L.LightningModule):
             what = "head + LoRA adapters" if self.hparams.lora_rank else "the whole model"
         return f"Trainable parameters: {count:,} of {total:,} ({100 * count / total:.1f}%): {what}"
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # `fit` logs an epoch's validation at the epoch's last step, one before the checkpoint's global_step.
+        self.checkpoint_step = max(0, checkpoint.get("global_step", 1) - 1)
+
     def setup(self, stage: str) -> None:
+        # The summary's example batch, in the weights' dtype (bf16-true: bfloat16). None under FSDP,
+        # whose network may run only through FSDP's wrapper (the summary calls the module itself), and
+        # with compile, whose compiled backbone hides its layers from the FLOP counter (and warns).
+        opaque = self.hparams.compile or isinstance(self.trainer.strategy, FSDPStrategy)
+        self.example_input_array = None if opaque else example_batch(self.hparams.input_shape, self.trainer.precision)
         if stage != "fit":
             return
         h = self.hparams

@@ -107,6 +107,17 @@ class ViT(nn.Module):
 
 
 BACKBONES = {"mlp": MLP, "cnn": ConvNet, "vit": ViT}
+WEIGHT_DTYPES = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
+
+
+def example_batch(input_shape, precision: str = "32-true") -> torch.Tensor:
+    """One zero sample of `input_shape`, as a batch of 1, in the weights' dtype under `precision`.
+
+    A LightningModule that sets it as `example_input_array` gets each layer's input and output
+    shapes and FLOPs (per sample) in the model summary. Models of other inputs set their own
+    (a text model: token ids of shape (1, length)).
+    """
+    return torch.zeros(1, *input_shape, dtype=WEIGHT_DTYPES.get(str(precision), torch.float32))
 
 
 def build_backbone(
