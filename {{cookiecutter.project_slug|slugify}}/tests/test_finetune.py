@@ -211,6 +211,9 @@ def test_backbone_frozen_for_good_without_unfreeze_epoch(workdir):
     trainer(snaps, epochs=2, batches=2).fit(model, small_data())
     backbone = {k for k in snaps.states["start"] if k.startswith("backbone.")}
     assert not changed(snaps.states["start"], snaps.states[1]) & backbone
+    # ... while the head trained, in each epoch: the run was not a no-op.
+    assert {"head.weight", "head.bias"} <= changed(snaps.states["start"], snaps.states[0])
+    assert {"head.weight", "head.bias"} <= changed(snaps.states[0], snaps.states[1])
 
 
 class LearningRates(L.Callback):

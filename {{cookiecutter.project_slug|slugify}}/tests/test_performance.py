@@ -4,6 +4,7 @@ overhead benchmark, which must run and show numerical parity with a hand-written
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from {{ cookiecutter.package_name }}.cli import run
+from {{ cookiecutter.package_name }}.data.mnist import MNISTDataModule
 from {{ cookiecutter.package_name }}.models.metrics import ClassificationScores
 
 
@@ -75,6 +77,20 @@ def test_on_device_keeps_the_data_where_the_trainer_runs(workdir):
     cli = run(["fit", *SMALL, "--data.on_device=true", "--trainer.fast_dev_run=true"])
     assert cli.trainer.state.finished
     assert cli.datamodule.splits["train"][0].device == cli.trainer.strategy.root_device
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_on_device_moves_each_split_to_the_trainers_device(workdir, on_device):
+    """On a CPU the test above holds either way; a stand-in device ("meta") tells the two apart."""
+    data = MNISTDataModule(val_size=100, on_device=on_device)
+    data.prepare_data()
+    data.setup("fit")
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), world_size=1)
+    loaders = {"train": data.train_dataloader(), "val": data.val_dataloader(), "test": data.test_dataloader()}
+    for split, loader in loaders.items():
+        expected = "meta" if on_device else "cpu"
+        assert [t.device.type for t in data.splits[split]] == [expected, expected], split
+        assert loader.dataset.x.device.type == expected  # batches are cut from the moved tensors
 
 
 @pytest.mark.slow
