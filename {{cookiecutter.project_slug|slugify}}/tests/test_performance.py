@@ -108,3 +108,17 @@ def test_overhead_benchmark_runs_and_shows_parity(tmp_path):
         assert variant in table
     assert "equal to 5 decimals" in table
     assert "start-up: `train.py --help`" in table
+
+
+def test_worker_processes_deliver_the_same_batches(workdir):
+    """num_workers > 0: the batches come from worker processes, and training ends where it does without."""
+    short = [*SMALL, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+             "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=null"]  # fmt: skip
+    states = {}
+    for workers in (0, 2):
+        cli = run(["fit", *short, f"--data.num_workers={workers}"])
+        loader = cli.trainer.train_dataloader
+        assert loader.num_workers == workers and loader.persistent_workers == (workers > 0)
+        assert cli.trainer.global_step == 3
+        states[workers] = cli.model.state_dict()
+    assert all(torch.equal(states[0][k], states[2][k]) for k in states[0])
