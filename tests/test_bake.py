@@ -67,6 +67,7 @@ EXPECTED_FILES = [
     "tests/test_cli.py",
     "tests/test_crash_safety.py",
     "tests/test_custom_data.py",
+    "tests/test_dataset_table.py",
     "tests/test_distributed.py",
     "tests/test_doctor.py",
     "tests/test_download.py",
