@@ -269,12 +269,19 @@ def slurm_job(workdir: Path, job_id: str, *options: str) -> subprocess.Popen:
              "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1"}  # fmt: skip
     path = os.pathsep.join([str(workdir / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]])
     env = {**os.environ, **slurm, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONPATH": pythonpath, "PATH": path}
+    # A session of its own: a job that does not end is killed whole (bash and train.py) by `finished`.
     return subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm.sbatch"), *SLURM_OPTIONS, *options], cwd=workdir,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
 
 
-def finished(job: subprocess.Popen) -> tuple[str, str]:
-    out, err = job.communicate(timeout=300)
+def finished(job: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        out, err = job.communicate()
+        pytest.fail(f"the job did not end within {timeout} s:\n{out[-2000:]}{err[-2000:]}")
     assert job.returncode == 0, out[-2000:] + err[-2000:]
     return out, err
 
@@ -302,9 +309,11 @@ def test_slurm_preemption_saves_requeues_and_the_requeued_job_resumes(workdir):
     deadline = time.monotonic() + 120
     while not last.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the first epoch is done: training is under way
-    assert job.poll() is None and last.exists(), job.communicate()
+    if job.poll() is not None or not last.exists():
+        finished(job, timeout=1)
+        pytest.fail("the job ended or did not train an epoch")
     os.kill(int((workdir / "srun.pid").read_text()), signal.SIGUSR1)
-    out, err = finished(job)
+    out, err = finished(job, timeout=120)
     assert (workdir / "scontrol.log").read_text().splitlines() == ["requeue 9"]
     (hpc,) = workdir.glob("hpc_ckpt_*.ckpt")
     saved = torch.load(last, weights_only=True)
