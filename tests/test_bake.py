@@ -1,6 +1,7 @@
 """Baking the template: which files come out, what they say, and that the result lints clean."""
 
 import datetime
+import re
 import subprocess
 import sys
 import tomllib
@@ -70,6 +71,7 @@ EXPECTED_FILES = [
     "tests/test_cli.py",
     "tests/test_crash_safety.py",
     "tests/test_custom_data.py",
+    "tests/test_dataset_table.py",
     "tests/test_digits.py",
     "tests/test_distributed.py",
     "tests/test_doctor.py",
@@ -266,3 +268,19 @@ def test_github_workflow_is_valid_yaml(bake):
 
     workflow = yaml.safe_load((project / ".github" / "workflows" / "ci.yml").read_text())
     assert isinstance(workflow, dict) and workflow.get("jobs"), workflow
+
+
+def test_github_workflow_installs_every_extra(bake):
+    """Each extra of the project's pyproject.toml has tests; a workflow that leaves one out would
+    skip them on every push and stay green. Read from the baked files, so a new extra counts too."""
+    project = bake(github_actions="yes").project_path
+    extras = set(tomllib.loads((project / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    workflow = yaml.safe_load((project / ".github" / "workflows" / "ci.yml").read_text())
+    commands = [line for job in workflow["jobs"].values() for step in job["steps"]
+                for line in step.get("run", "").splitlines()]  # fmt: skip
+    installs = [c for c in commands if "pip install" in c and " -e " in c]
+    assert installs, commands
+    for command in installs:
+        found = re.search(r'-e "?\.\[([\w,-]+)\]"?', command)
+        assert found, command
+        assert set(found[1].split(",")) == extras, command

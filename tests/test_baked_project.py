@@ -9,6 +9,7 @@ setuptools that ensurepip bundles, too old for the SPDX license string.)
 """
 
 import os
+import re
 import site
 import subprocess
 import sys
@@ -24,13 +25,31 @@ def run(command: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedPro
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+# The one acceptable reason to skip here: the test needs a GPU (or, the other way round, a machine
+# without one). Anything else (an extra that stopped importing, a missing data package) would
+# turn a broken feature into a green run.
+GPU_REASON = re.compile(r"\bGPU\b")
+
+
+def unexpected_skips(stdout: str) -> list[str]:
+    """The `SKIPPED [n] file:line: reason` lines of pytest's `-rs` summary whose reason is not a GPU."""
+    skipped = re.findall(r"^SKIPPED \[\d+\] (.+)$", stdout, flags=re.M)
+    return [line for line in skipped if not GPU_REASON.search(line.split(": ", 1)[-1])]
+
+
 def assert_suite_passed(tests: subprocess.CompletedProcess, label: str) -> None:
-    """pytest exited 0 and its summary line reports passed tests and no failure or error."""
+    """pytest exited 0, its summary line reports passed tests and no failure or error, and
+    nothing was skipped except for want of a GPU (the run must use `-rs`)."""
     lines = tests.stdout.strip().splitlines()
     summary = lines[-1] if lines else "(no output)"
     tail = "\n".join(lines[-40:]) + tests.stderr[-2000:]
     assert tests.returncode == 0, f"{label}: {summary}\n{tail}"
     assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
+    if " skipped" in summary:
+        assert "SKIPPED [" in tests.stdout, f"{label}: skips without their reasons (run pytest with -rs)\n{tail}"
+    assert not unexpected_skips(tests.stdout), f"{label}: skipped for a reason other than a GPU:\n" + "\n".join(
+        unexpected_skips(tests.stdout)
+    )
     print(f"{label}: {summary}")
 
 
@@ -65,7 +84,7 @@ def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
     assert script.returncode == 0, script.stdout + script.stderr
     assert "fit" in script.stdout
 
-    tests = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project)
+    tests = run([str(python), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"], cwd=project)
     assert_suite_passed(tests, "baked project's tests")
 
 
@@ -75,7 +94,7 @@ def test_baked_project_passes_its_slow_tests(bake):
     project = bake(project_name="Digit Lab").project_path
     env = {**os.environ, "PYTHONPATH": str(project / "src")}
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "slow", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "slow", "-p", "no:cacheprovider"],
         cwd=project,
         env=env,
         capture_output=True,
@@ -83,3 +102,25 @@ def test_baked_project_passes_its_slow_tests(bake):
         timeout=900,
     )
     assert_suite_passed(tests, "baked project's slow tests")
+
+
+def test_a_skip_for_any_reason_but_a_gpu_fails_the_suite(bake):
+    """The check above is live: a baked project's test that skips because an import failed is
+    reported, one that skips for want of a GPU is not."""
+    project = bake(project_name="Digit Lab").project_path
+    (project / "tests" / "test_skips.py").write_text(
+        "import pytest\n\n\n"
+        "def test_extra():\n    pytest.importorskip('no_such_extra_module')\n\n\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA GPU')\ndef test_gpu():\n    pass\n\n\n"
+        "def test_runs():\n    pass\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_skips.py"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    found = unexpected_skips(tests.stdout)
+    assert len(found) == 1 and "no_such_extra_module" in found[0], tests.stdout
+    with pytest.raises(AssertionError, match="skipped for a reason other than a GPU"):
+        assert_suite_passed(tests, "project with a skipped extra")

@@ -4,7 +4,8 @@ Add it to any run with `--trainer.callbacks+=probe.Probe` (with tests/ on PYTHON
 end of each stage every process writes `probe/<stage>-rank<global rank>.json` in the working
 folder: the samples it trained on (a hash per image), its own count of validation hits, the
 metrics the Trainer ended with, the optimizer steps it took, the module types of the
-network as the strategy wrapped it, and the cluster environment Lightning detected.
+network as the strategy wrapped it, the cluster environment Lightning detected, and, for a
+model with a compiled backbone, how many backbone calls ran through torch.compile.
 """
 
 import hashlib
@@ -32,6 +33,7 @@ class Probe(Callback):
         self.grad_norms: list[float] = []
         self.val_hits = self.val_seen = 0
         self.modules: Counter = Counter()
+        self.backbone_calls: list[bool] = []
 
     def _look_at_model(self, trainer) -> None:
         # The network as the strategy wrapped it (DDP, FSDP units, activation checkpointing).
@@ -39,6 +41,12 @@ class Probe(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._look_at_model(trainer)
+        if getattr(pl_module, "compiled", None) is not None:
+            # Inside a call that torch.compile traced, is_compiling() is True (and the append is replayed
+            # on each call of the compiled code); a call of the plain module records False.
+            pl_module.backbone.register_forward_pre_hook(
+                lambda module, args: self.backbone_calls.append(torch.compiler.is_compiling())
+            )
 
     def on_test_start(self, trainer, pl_module):
         self._look_at_model(trainer)
@@ -82,6 +90,7 @@ class Probe(Callback):
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "precision": trainer.precision,
             "modules": self.modules,
+            "backbone_calls": {"compiled": sum(self.backbone_calls), "plain": self.backbone_calls.count(False)},
             "cluster_environment": type(environment).__name__ if environment is not None else None,
         }
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -283,6 +283,10 @@ def test_gpu_preset_ddp_with_sync_batchnorm(workdir):
 def test_compile_on_the_gpu(workdir):
     result = train(
         "fit", f"--config={ROOT / 'configs' / 'mnist_vit.yaml'}", f"--config={PRESETS / 'gpu.yaml'}",
-        "--trainer.devices=1", "--model.compile=true", "--trainer.max_epochs=1", *SMALL, cwd=workdir,
+        "--trainer.devices=1", "--model.compile=true", "--trainer.max_epochs=1", *SMALL,
+        "--trainer.callbacks+=probe.Probe", cwd=workdir,
     )  # fmt: skip
     assert summary(result.stdout)[0].endswith("; backbone compiled (torch.compile)")
+    # The line comes from the hyperparameter; the probe shows the steps really ran the compiled backbone.
+    (record,) = probes(workdir)
+    assert record["backbone_calls"]["compiled"] > 0 and record["backbone_calls"]["plain"] == 0, record

@@ -1,6 +1,7 @@
 """The environment doctor: its diagnoses over faked machines, its exit codes and JSON, and a real run here."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -263,4 +264,6 @@ def test_real_run_on_a_gpu(capsys):
     assert facts["devices"][0]["memory_gib"] > 0
     assert facts["cudnn"] is not None and facts["driver"]["cuda"] is not None
     bench = doctor.benchmark("cuda")
-    assert bench["matmul"].endswith(("bfloat16", "float16")) and bench["matmul_tflops"] > 1  # any recent GPU
+    assert bench["matmul"].endswith(("bfloat16", "float16"))
+    # The figure is reported, not judged: how fast a GPU is belongs to benchmarks, not to a test.
+    assert math.isfinite(bench["matmul_tflops"]) and bench["matmul_tflops"] > 0

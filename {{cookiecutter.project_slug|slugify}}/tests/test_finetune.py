@@ -211,6 +211,9 @@ def test_backbone_frozen_for_good_without_unfreeze_epoch(workdir):
     trainer(snaps, epochs=2, batches=2).fit(model, small_data())
     backbone = {k for k in snaps.states["start"] if k.startswith("backbone.")}
     assert not changed(snaps.states["start"], snaps.states[1]) & backbone
+    # ... while the head trained, in each epoch: the run was not a no-op.
+    assert {"head.weight", "head.bias"} <= changed(snaps.states["start"], snaps.states[0])
+    assert {"head.weight", "head.bias"} <= changed(snaps.states[0], snaps.states[1])
 
 
 class LearningRates(L.Callback):
@@ -395,3 +398,14 @@ def test_finetune_configs_for_your_own_data(workdir, capsys, pretrain, finetune,
     whole.setup("fit")
     halves = [max(1, round(n / 2)) for n in torch.bincount(whole.splits["train"][1]).tolist()]
     assert torch.bincount(data.splits["train"][1]).tolist() == halves
+
+
+def test_unfreezing_is_refused_with_more_than_one_process():
+    """DDP fixes the set of trained parameters when it wraps the model: unfreezing later would not train."""
+    model = Classifier(width=16, freeze_backbone=True, unfreeze_at_epoch=1)
+    model.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False)
+    assert model.trainer.world_size == 2
+    with pytest.raises(UserError, match="unfreeze_at_epoch with more than one process.*--model.freeze_backbone=false"):
+        model.setup("fit")
+    model.hparams.unfreeze_at_epoch = None  # frozen for good: nothing changes under DDP, so it is allowed
+    model.setup("fit")

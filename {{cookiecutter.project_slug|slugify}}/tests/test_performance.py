@@ -4,6 +4,7 @@ overhead benchmark, which must run and show numerical parity with a hand-written
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from {{ cookiecutter.package_name }}.cli import run
+from {{ cookiecutter.package_name }}.data.mnist import MNISTDataModule
 from {{ cookiecutter.package_name }}.models.metrics import ClassificationScores
 
 
@@ -77,6 +79,20 @@ def test_on_device_keeps_the_data_where_the_trainer_runs(workdir):
     assert cli.datamodule.splits["train"][0].device == cli.trainer.strategy.root_device
 
 
+@pytest.mark.parametrize("on_device", [True, False])
+def test_on_device_moves_each_split_to_the_trainers_device(workdir, on_device):
+    """On a CPU the test above holds either way; a stand-in device ("meta") tells the two apart."""
+    data = MNISTDataModule(val_size=100, on_device=on_device)
+    data.prepare_data()
+    data.setup("fit")
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), world_size=1)
+    loaders = {"train": data.train_dataloader(), "val": data.val_dataloader(), "test": data.test_dataloader()}
+    for split, loader in loaders.items():
+        expected = "meta" if on_device else "cpu"
+        assert [t.device.type for t in data.splits[split]] == [expected, expected], split
+        assert loader.dataset.x.device.type == expected  # batches are cut from the moved tensors
+
+
 @pytest.mark.slow
 def test_overhead_benchmark_runs_and_shows_parity(tmp_path):
     write_dataset(tmp_path / "data" / "mnist", train=1300, test=100)
@@ -92,3 +108,17 @@ def test_overhead_benchmark_runs_and_shows_parity(tmp_path):
         assert variant in table
     assert "equal to 5 decimals" in table
     assert "start-up: `train.py --help`" in table
+
+
+def test_worker_processes_deliver_the_same_batches(workdir):
+    """num_workers > 0: the batches come from worker processes, and training ends where it does without."""
+    short = [*SMALL, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+             "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=null"]  # fmt: skip
+    states = {}
+    for workers in (0, 2):
+        cli = run(["fit", *short, f"--data.num_workers={workers}"])
+        loader = cli.trainer.train_dataloader
+        assert loader.num_workers == workers and loader.persistent_workers == (workers > 0)
+        assert cli.trainer.global_step == 3
+        states[workers] = cli.model.state_dict()
+    assert all(torch.equal(states[0][k], states[2][k]) for k in states[0])

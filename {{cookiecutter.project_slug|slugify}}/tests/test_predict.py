@@ -77,7 +77,7 @@ def test_output_option_and_epoch_interval_write_the_same_rows(workdir):
     assert sorted(p.name for p in (workdir / "a").iterdir()) == ["by_batch.csv"]  # no temporary files left
 
 
-def test_predict_file_of_a_csv_table(workdir):
+def test_predict_file_of_a_csv_table(workdir, capsys):
     table = write_table(workdir / "table.csv")
     # Columns in another order, an id column and no label column: features are found by name.
     values = [[0.1, -0.2, 1.0], [2.0, -2.1, 0.9], [1.1, -0.9, 1.2]]
@@ -106,8 +106,13 @@ def test_predict_file_of_a_csv_table(workdir):
     check_rows(rows, softmax_of(cli.model, (x - cli.datamodule.mean) / cli.datamodule.std), ["a", "b", "c"])
 
     # A typo in the id column is an error, not line numbers in disguise.
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         run_cli("predict", *config, "--data.predict_file=new.csv", "--data.id_column=nmae")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR: ") and "no id column 'nmae'" in err and "--data.id_column" in err
+    assert "Traceback" not in err
 
 
 def test_predict_dir_of_images(workdir, capsys):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, SMALL
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from {{ cookiecutter.package_name }} import search
 from {{ cookiecutter.package_name }}.cli import run
@@ -169,6 +170,35 @@ def test_a_poor_trial_is_pruned(space, monkeypatch):
     [trial] = load("pruned").trials
     assert trial.state.name == "PRUNED"
     assert list(trial.intermediate_values) == [0]  # stopped after its first validation, not after 2
+
+
+def test_pruner_none_lets_every_trial_finish(space, monkeypatch):
+    """The same always-pruning stand-in as above: with --pruner none it is never consulted."""
+
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda **kwargs: Always())
+    search.main(searching(space, "--trainer.max_epochs=2", "--pruner", "none", n=1, study="unpruned"))
+    [trial] = load("unpruned").trials
+    assert trial.state.name == "COMPLETE"
+    assert list(trial.intermediate_values) == [0, 1]  # both validations
+
+
+def test_metric_and_direction_choose_what_is_optimised(space):
+    search.main(searching(space, "--trainer.max_epochs=2", "--metric", "val/loss", "--direction", "minimize",
+                          n=2, study="loss"))  # fmt: skip
+    study = load("loss")
+    assert study.direction.name == "MINIMIZE"
+    for t in study.trials:
+        # The values reported are the run's logged val/loss, and the trial's value is their minimum.
+        events = EventAccumulator(t.user_attrs["log_dir"], size_guidance={"scalars": 0})
+        events.Reload()
+        logged = [e.value for e in events.Scalars("val/loss")]
+        assert list(t.intermediate_values.values()) == pytest.approx(logged) and len(logged) == 2
+        assert logged[0] != logged[1] and t.value == pytest.approx(min(logged))
+    assert study.best_trial.value == min(t.value for t in study.trials)
 
 
 @pytest.mark.parametrize(

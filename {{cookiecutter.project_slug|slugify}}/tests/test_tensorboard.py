@@ -46,6 +46,62 @@ def hparams_record(found: EventAccumulator, tag: str):
     return plugin_data_pb2.HParamsPluginData.FromString(found.PluginTagToContent("hparams")[f"_hparams_/{tag}"])
 
 
+# Independent readings of the drawn images: from their pixels alone, not with the drawing code.
+
+
+def matrix_cells(image: np.ndarray, n: int) -> list[list[tuple[int, int, int, int]]]:
+    """(top, left, bottom, right) of each cell of an n x n matrix drawn with grey (200, 200, 200)
+    cell borders: the grid's outer bounds are the rows and columns that many grey pixels cross."""
+    grey = np.all(image == 200, axis=2)
+    rows, cols = np.nonzero(grey.sum(axis=1) >= 10 * n)[0], np.nonzero(grey.sum(axis=0) >= 10 * n)[0]
+    top, left, height, width = rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert height % n == 0 and width % n == 0, (height, width)
+    h, w = height // n, width // n
+    return [[(top + i * h, left + j * w, top + (i + 1) * h, left + (j + 1) * w) for j in range(n)] for i in range(n)]
+
+
+def read_matrix(image: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cell: its shade (0 white .. 210 darkest), whether it is blue (else red or white), and
+    whether anything (a count) is written on it, read from a fill pixel near its corner."""
+    shade, blue, written = np.zeros((n, n)), np.zeros((n, n), bool), np.zeros((n, n), bool)
+    for i, row in enumerate(matrix_cells(image, n)):
+        for j, (top, left, bottom, right) in enumerate(row):
+            fill = image[top + 3, left + 3].astype(int)
+            shade[i, j] = 255 - fill.min()
+            blue[i, j] = fill[2] == 255 and fill[0] < 255
+            inside = image[top + 2 : bottom - 2, left + 2 : right - 2].astype(int)
+            written[i, j] = bool(np.any(np.abs(inside - fill).sum(axis=2) > 0))
+    return shade, blue, written
+
+
+def assert_matrix_shows(image: np.ndarray, counts: torch.Tensor) -> None:
+    """Rows are the true classes, columns the predicted ones: each cell's shade is its share of its
+    row, blue on the diagonal and red elsewhere, and exactly the non-zero cells carry a count."""
+    n = len(counts)
+    shade, blue, written = read_matrix(image, n)
+    share = (counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
+    assert np.abs(shade / 210 - share).max() <= 1.5 / 210, (shade, share)
+    assert np.array_equal(blue, np.eye(n, dtype=bool) & (share > 0.005)), blue
+    assert np.array_equal(written, counts.numpy() > 0), written
+
+
+def tiles(grid: np.ndarray, images: list[np.ndarray], scale: int) -> list[int]:
+    """Which of the grey `images` (H x W uint8) each tile of `grid` shows, scaled up `scale` times
+    (each pixel a square), with the tiles read row by row: found by searching the grid's pixels."""
+    found = []
+    grey = grid[:, :, 0].astype(int)
+    assert np.array_equal(grid[:, :, 0], grid[:, :, 1]) and np.array_equal(grid[:, :, 0], grid[:, :, 2])
+    for k, image in enumerate(images):
+        big = np.kron(image.astype(int), np.ones((scale, scale), dtype=int))
+        h, w = big.shape
+        windows = np.lib.stride_tricks.sliding_window_view(grey, w, axis=1)  # every row segment of width w
+        hits = [(r, c) for r, c in zip(*np.nonzero(np.all(windows == big[0], axis=2)))
+                if r + h <= len(grey) and np.array_equal(grey[r : r + h, c : c + w], big)]  # fmt: skip
+        assert len(hits) == 1, (k, hits)
+        found.append((*hits[0], k))
+    return [k for _, _, k in sorted(found)]
+
+
 def test_validation_images_and_hparams(workdir):
     cli = run(["fit", *SHORT])
     found = events(workdir / RUN)
@@ -63,15 +119,15 @@ def test_validation_images_and_hparams(workdir):
         predicted = torch.cat([model((b.float() - data.mean) / data.std) for b in x.split(64)]).argmax(dim=-1)
     counts = torch.zeros(10, 10, dtype=torch.long).index_put_((y, predicted), torch.tensor(1), accumulate=True)
     assert int(counts.sum()) == 100 and int(counts.trace()) < 100  # there are mistakes to show
-    names = [str(k) for k in range(10)]
+    assert not torch.equal(counts, counts.T)  # so that a transposed matrix would show
     matrix = decoded(found.Images("val/confusion_matrix")[-1])
     assert 300 <= matrix.shape[1] <= 1000 and 300 <= matrix.shape[0] <= 1000
-    assert np.array_equal(matrix, np.asarray(confusion_image(counts, names)))
+    assert_matrix_shows(matrix, counts)
 
-    wrong = (predicted != y).nonzero().flatten()[:24]  # the first mistakes, in validation order
-    captions = [f"{names[t]}->{names[p]}" for t, p in zip(y[wrong].tolist(), predicted[wrong].tolist())]
+    # The first mistakes, in validation order, as their raw pixels doubled to 56 x 56, row by row.
+    wrong = (predicted != y).nonzero().flatten()[:24]
     grid = decoded(found.Images("val/misclassified")[-1])
-    assert np.array_equal(grid, np.asarray(sample_grid(list(x[wrong]), captions)))  # the raw pixels, captioned
+    assert tiles(grid, [x[i, 0].numpy() for i in wrong], scale=2) == list(range(len(wrong)))
 
     # HPARAMS: the run's settings (model and data) as numbers and text, and the metrics to show.
     metrics = [m.name.tag for m in hparams_record(found, "experiment").experiment.metric_infos]
@@ -86,19 +142,18 @@ def test_validation_images_and_hparams(workdir):
 
 
 def test_confusion_matrix_counts_are_drawn(workdir):
-    counts = torch.tensor([[5, 0, 1], [0, 7, 0], [2, 0, 3]])
-    image = np.asarray(confusion_image(counts, ["cat", "dog", "owl"])).astype(int)
-    blank = np.asarray(confusion_image(torch.zeros(3, 3, dtype=torch.long), ["cat", "dog", "owl"])).astype(int)
-    assert image.shape == blank.shape
-    # Shading and counts make a difference exactly where counts are not zero: compare cell centres.
-    changed = np.abs(image - blank).sum(axis=2) > 0
-    ys, xs = np.nonzero(changed)
-    assert len(ys) > 0
-    cells = {(int(r), int(c)) for r, c in zip(ys, xs)}
-    top, left = min(r for r, _ in cells), min(c for _, c in cells)
-    cell = 28
-    hit = {((r - top) // cell, (c - left) // cell) for r, c in cells}
-    assert hit == {(i, j) for i in range(3) for j in range(3) if counts[i, j]}
+    # Not symmetric, not even in where the zeros are: a transposed drawing reads differently.
+    counts = torch.tensor([[5, 3, 0], [0, 7, 0], [2, 0, 3]])
+    assert_matrix_shows(np.asarray(confusion_image(counts, ["cat", "dog", "owl"])), counts)
+    zeros = torch.zeros(3, 3, dtype=torch.long)
+    assert_matrix_shows(np.asarray(confusion_image(zeros, ["cat", "dog", "owl"])), zeros)
+
+
+def test_the_grid_shows_the_images_in_order():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (1, 28, 28), generator=g, dtype=torch.uint8) for _ in range(11)]
+    grid = np.asarray(sample_grid(images, [f"{k}->{k + 1}" for k in range(11)]))
+    assert tiles(grid, [i[0].numpy() for i in images], scale=2) == list(range(11))
 
 
 def test_every_n_epochs_and_tables(workdir):
