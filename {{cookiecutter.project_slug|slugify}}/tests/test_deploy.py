@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, write_table
+from conftest import ROOT, SMALL, run_cli, write_images, write_table
+from PIL import Image
 
 from {{ cookiecutter.package_name }} import export
 from {{ cookiecutter.package_name }}.cli import run
@@ -120,6 +121,36 @@ def test_csv_predict_works_without_the_training_file(workdir):
     assert [r["predicted"] for r in rows] == [["a", "b", "c"][c] for c in k.tolist()]
     assert [float(r["probability"]) for r in rows] == pytest.approx(best.tolist(), abs=1e-6)
     assert len({r["predicted"] for r in rows}) >= 2  # not one class for everything
+
+
+def test_image_folder_predict_works_without_the_training_images(workdir, capsys):
+    root = write_images(workdir / "images", size=12)
+    config = [f"--config={CONFIGS / 'custom_images.yaml'}", *QUIET, f"--data.root={root}", "--data.image_size=[12, 12]"]
+    run(["fit", *config, "--trainer.max_epochs=1"])
+    ckpt = workdir / "logs" / "custom_images" / "version_0" / "checkpoints" / "last.ckpt"
+    todo = workdir / "todo"
+    todo.mkdir()
+    for name in ("red/0.png", "blue/1.png", "red/5.png"):
+        shutil.copy(root / name, todo / name.replace("/", "_"))
+    predict = ["predict", *config, f"--ckpt_path={ckpt}", f"--data.predict_dir={todo}"]
+
+    run([*predict, "--predictions.output=before.csv"])
+    shutil.rmtree(root)
+    run([*predict, "--predictions.output=after.csv"])
+    assert (workdir / "after.csv").read_text() == (workdir / "before.csv").read_text()
+    assert len(read_rows(workdir / "after.csv")) == 3
+
+    # Without image_size, images of another size than the model's are one clear error.
+    big = workdir / "big"
+    big.mkdir()
+    Image.new("RGB", (20, 16), (200, 20, 20)).save(big / "x.png")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(*predict[:-1], f"--data.predict_dir={big}", "--data.image_size=null")
+    assert exit_.value.code == 1
+    assert "images are (3, 16, 20) (channels, height, width) but the model takes (3, 12, 12): set " in (
+        capsys.readouterr().err
+    )
 
 
 def test_export_json_describes_images_and_tables(workdir):
