@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from {{ cookiecutter.package_name }}.cli import run
 from {{ cookiecutter.package_name }}.data import MNISTDataModule
+from {{ cookiecutter.package_name }}.data.batches import model_input
 from {{ cookiecutter.package_name }}.models import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,16 +70,18 @@ def load_data(args):
     data = MNISTDataModule(args.data_dir, args.dataset, batch_size=args.batch_size, val_size=args.val_size)
     data.prepare_data()
     data.setup("fit")
-    # The tutorial's data: float tensors normalised once, exactly as our batches are.
-    normalise = lambda x: (x.float() - data.mean) / data.std  # noqa: E731
+    # The tutorial's data: float tensors made once, exactly as our batches are (pixels in [0, 1]);
+    # the network normalises them with the training split's statistics, as ours does.
     (xt, yt), (xv, yv) = data.splits["train"], data.splits["val"]
-    return (normalise(xt), yt), (normalise(xv), yv)
+    return (model_input(xt), yt), (model_input(xv), yv), (data.mean, data.std)
 
 
-def handwritten(train, val, args, max_steps=None):
+def handwritten(train, val, args, stats, max_steps=None):
     """The loop of the PyTorch tutorial, with our network. Returns epoch times, last loss."""
     L.seed_everything(args.seed, verbose=False)
-    model = Classifier(input_shape=(1, 28, 28), num_classes=10).to(args.device)
+    model = Classifier(input_shape=(1, 28, 28), num_classes=10)
+    model.normalize.set_statistics(*stats)
+    model = model.to(args.device)
     # Our first epoch's data order (data/batches.py, EpochSampler), drawn like ours from generators
     # of its own: the global RNG, which dropout uses, is left alone.
     order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -157,9 +160,9 @@ def main():
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     os.chdir(tempfile.mkdtemp(prefix="overhead-"))  # logs and checkpoints of the runs land here
 
-    train, val = load_data(args)
+    train, val, stats = load_data(args)
     variants = {
-        "hand-written loop": lambda: handwritten(train, val, args),
+        "hand-written loop": lambda: handwritten(train, val, args, stats),
         "fit, default config": lambda: ours(args, QUIET),
         "fit, bare Trainer": lambda: ours(args, BARE + ["--trainer.callbacks=[]"]),
     }
@@ -172,7 +175,7 @@ def main():
 
     # Parity: AdamW without weight decay is Adam; a constant schedule; the same seed and data order.
     steps = args.parity_steps
-    _, theirs = handwritten(train, val, args, max_steps=steps)
+    _, theirs = handwritten(train, val, args, stats, max_steps=steps)
     parity = [f"--trainer.max_steps={steps}", "--model.weight_decay=0", "--model.scheduler=constant"]
     _, mine = ours(args, BARE + parity + ["--trainer.callbacks=[]", "--trainer.limit_val_batches=0"])
     mine = float(mine)

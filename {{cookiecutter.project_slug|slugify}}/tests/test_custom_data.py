@@ -6,6 +6,7 @@ from PIL import Image
 
 from {{ cookiecutter.package_name }}.data import CSVDataModule, ImageFolderDataModule
 from {{ cookiecutter.package_name }}.errors import UserError
+from {{ cookiecutter.package_name }}.models.nets import Normalize
 
 # --- CSV -------------------------------------------------------------------------------------
 
@@ -117,7 +118,8 @@ def test_csv_folder_without_test_file_cuts_test_from_train(tmp_path):
     assert {s: len(dm.splits[s][1]) for s in ("train", "val", "test")} == {"train": 30, "val": 2, "test": 10}
 
 
-def test_csv_features_are_standardised(tmp_path):
+def test_csv_features_are_standardised_by_the_model(tmp_path):
+    """Batches hold the raw values; the model's Normalize, given the data's statistics, standardises them."""
     g = torch.Generator().manual_seed(0)
     big = torch.randn(200, generator=g) * 500 + 3000
     small = torch.rand(200, generator=g) * 0.01
@@ -128,8 +130,15 @@ def test_csv_features_are_standardised(tmp_path):
         x, y = dm.on_after_batch_transfer(batch, 0)
         assert x.dtype == torch.float32 and y.dtype == torch.int64
         xs.append(x)
-    x = torch.cat(xs)
-    assert x.shape == (len(dm.splits["train"][1]), 2)
+    raw = torch.cat(xs)
+    assert raw.shape == (len(dm.splits["train"][1]), 2)
+    assert torch.equal(raw.sort(0).values, dm.splits["train"][0].sort(0).values)  # not scaled by the data
+    assert dm.mean.shape == dm.std.shape == (2,)
+    torch.testing.assert_close(dm.mean, raw.mean(0))
+    torch.testing.assert_close(dm.std, raw.std(0))
+    normalize = Normalize((2,))
+    normalize.set_statistics(dm.mean, dm.std)
+    x = normalize(raw)
     torch.testing.assert_close(x.mean(0), torch.zeros(2), atol=1e-3, rtol=0)
     torch.testing.assert_close(x.std(0), torch.ones(2), atol=1e-3, rtol=0)
 
@@ -283,8 +292,13 @@ def test_images_are_resized(tmp_path):
 
 def test_images_per_channel_normalisation(tmp_path):
     dm = image_module(write_pngs(tmp_path / "img", per_class=10))
-    x, y = dm.on_after_batch_transfer(dm.splits["train"], 0)
-    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    pixels, y = dm.on_after_batch_transfer(dm.splits["train"], 0)
+    assert pixels.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(pixels, dm.splits["train"][0].float() / 255)  # the model is given pixels in [0, 1]
+    assert dm.mean.shape == dm.std.shape == (3, 1, 1)
+    normalize = Normalize((3, 6, 10))
+    normalize.set_statistics(dm.mean, dm.std)
+    x = normalize(pixels)
     torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)
 

@@ -72,9 +72,9 @@ def test_each_format_matches_the_model(checkpoint, tmp_path, capsys, fmt, suffix
     assert f"Wrote {out} ({round(out.stat().st_size / 1024)} KB)" in printed
     batch, difference = REPORT.search(printed).groups()
     assert int(batch) == 8 and float(difference) <= 1e-4
-    assert "normalised like the training data" in printed
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file left
-    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))  # another batch size than exported
+    assert "pixels in [0, 1] (uint8 / 255): the training data's normalisation is inside the model" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, f"{out.name}.json"]  # no temporary file left
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))  # another batch size than exported
     with torch.no_grad():
         torch.testing.assert_close(run_file(fmt, out, x), reference(checkpoint, x), atol=1e-5, rtol=1e-5)
 
@@ -87,6 +87,7 @@ def test_default_output_and_format_and_best_last(checkpoint, tmp_path, capsys):
 
     assert export.main(["--ckpt_path", str(ckpt)]) == 0
     assert ckpt.with_suffix(".pt2").is_file()  # exported_program, next to the checkpoint
+    assert (run / "last.pt2.json").is_file()
     assert (ckpt.with_suffix(".pt2").stat().st_mode & 0o777) == 0o666 & ~current_umask()
 
     out = tmp_path / "from_last.pt"

@@ -13,6 +13,7 @@ from {{ cookiecutter.package_name }}.data.batches import TensorSamples, keep_bat
 from {{ cookiecutter.package_name }}.data.idx import write_idx
 from {{ cookiecutter.package_name }}.data.mnist import DATASETS, FILES, MNISTDataModule
 from {{ cookiecutter.package_name }}.errors import UserError
+from {{ cookiecutter.package_name }}.models.nets import Normalize
 
 N_TRAIN, N_TEST, VAL = 300, 100, 50
 
@@ -289,24 +290,28 @@ def test_batches_equal_per_sample_indexing(data, split):
         assert i.tolist() == list(range(N_TEST))
 
 
-def test_normalisation_after_transfer(data):
+def test_pixels_after_transfer_and_the_training_statistics(data):
+    """Batches reach the model as pixels in [0, 1]; the model normalises them with the training split's statistics."""
     dm = make(data[0], batch_size=64)
+    normalize = Normalize((1, 28, 28))
+    normalize.set_statistics(dm.mean, dm.std)
     xs, ys = [], []
     for batch in dm.train_dataloader():
-        x, y = dm.on_after_batch_transfer(batch, 0)
-        assert x.dtype == torch.float32 and y.dtype == torch.int64
-        xs.append(x)
+        pixels, y = dm.on_after_batch_transfer(batch, 0)
+        assert pixels.dtype == torch.float32 and y.dtype == torch.int64
+        assert torch.equal(pixels, batch[0].float() / 255)
+        xs.append(normalize(pixels))
         ys.append(y)
     x = torch.cat(xs)
     assert x.shape == (N_TRAIN - VAL, 1, 28, 28)
     assert abs(x.mean().item()) < 1e-4
     assert x.std().item() == pytest.approx(1.0, abs=1e-3)
     # Validation batches are scaled with the training statistics, not their own.
-    train_x = dm.splits["train"][0].float()
+    train_x = dm.splits["train"][0].float() / 255
     mean, std = train_x.mean(), train_x.std()
     val_batch = next(iter(dm.val_dataloader()))
     x_val, y_val = dm.on_after_batch_transfer(val_batch, 0)
-    torch.testing.assert_close(x_val, (val_batch[0].float() - mean) / std, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(normalize(x_val), (val_batch[0].float() / 255 - mean) / std, rtol=1e-4, atol=1e-4)
     assert torch.equal(y_val, val_batch[1])
 
 

@@ -310,11 +310,8 @@ class TensorBoardViews(Callback):
         predicted, self._num_classes = logits.argmax(dim=-1), logits.shape[-1]
         wrong = (predicted != y).nonzero().flatten()[:need]
         if len(wrong):
-            data = trainer.datamodule
-            pixels = x[wrong].float()
-            if getattr(data, "mean", None) is not None:  # undo the normalisation
-                pixels = pixels * data.std.to(x.device) + data.mean.to(x.device)
-            pixels = pixels.round().clamp(0, 255).to(torch.uint8).cpu()
+            # The batch holds pixels in [0, 1] (the model normalises them itself): back to 0-255.
+            pixels = (x[wrong].float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
             self._wrong += zip(pixels, y[wrong].tolist(), predicted[wrong].tolist())
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -138,8 +138,10 @@ class CLI(LightningCLI):
     joined = None  # (run folder, subcommand, that subcommand's earlier event files) when an evaluation joins a run
 
     def add_arguments_to_parser(self, parser) -> None:
-        for name in ("num_classes", "input_shape", "class_names"):
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        self.trained = None  # test/predict from a checkpoint: its model's settings (before_instantiate_classes)
+        for name in ("num_classes", "input_shape", "class_names", "feature_names"):
+            value = self._from_data(name)
+            parser.link_arguments("data", f"model.init_args.{name}", compute_fn=value, apply_on="instantiate")
         # Callbacks every run has, with their options at the top level: --tensorboard.*, --predictions.*
         parser.add_lightning_class_args(TensorBoardViews, "tensorboard")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -162,8 +164,22 @@ class CLI(LightningCLI):
             config["enable_model_summary"] = False
         return super().instantiate_trainer(**kwargs)
 
+    def _from_data(self, name: str):
+        """The link's value: the data's `name`, once the data knows the checkpoint's settings (if any)."""
+
+        def value(data):
+            if self.trained is not None and hasattr(data, "use_trained"):
+                data.use_trained(self.trained)  # e.g. a table's feature columns: no training file needed
+            return getattr(data, name, None)
+
+        return value
+
     def before_instantiate_classes(self) -> None:
         setup_hardware(self.config[self.subcommand].trainer)
+        path = self.config[self.subcommand].get("ckpt_path")
+        if self.subcommand != "fit" and path:  # already checked and read once by _parse_ckpt_path
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self.trained = dict(checkpoint.get("hyper_parameters") or {})
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)

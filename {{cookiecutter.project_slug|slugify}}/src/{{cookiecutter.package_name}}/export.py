@@ -6,17 +6,24 @@
 Formats: `exported_program` (torch.export, a .pt2 file: `torch.export.load(path).module()`),
 `torchscript` (torch.jit.trace, a .pt file: `torch.jit.load(path)`; deprecated by PyTorch,
 kept for older runtimes) and `onnx` (a .onnx file for ONNX Runtime and other engines). The
-exported network is the backbone and the head, with any LoRA adapters merged; the batch
-dimension is dynamic. It takes float inputs normalised like the training data (the data
-module's per-channel (x - mean) / std) and returns logits.
+exported network is the model's normalisation (the training data's mean and std, saved in
+the checkpoint), the backbone and the head, with any LoRA adapters merged; the batch
+dimension is dynamic. So it takes raw inputs: images as float32 pixels in [0, 1] (uint8
+values / 255), tables as their feature values in the training file's column order; it
+returns logits.
 
-Before the file replaces its destination, its outputs are compared with the PyTorch
-model's on random batches of two sizes; a difference above the tolerance writes nothing
-and exits with code 1.
+Beside the file, `<file>.json` records what a deployment needs (README, Use the exported
+model): the input's shape, dtype and range, a table's feature columns, the class names in
+output order and the source checkpoint.
+
+Before the files replace their destinations, the model's outputs are compared with the
+PyTorch model's on random raw inputs in two batch sizes; a difference above the tolerance
+writes nothing and exits with code 1.
 """
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import pickle
@@ -74,11 +81,57 @@ def load_classifier(path: Path):
 
 
 def inference_network(model) -> nn.Module:
-    """The backbone and the head as a plain module (LoRA adapters merged, no Lightning attributes)."""
+    """Normalisation, backbone and head as a plain module (LoRA adapters merged, no Lightning attributes)."""
     from .models.finetune import merge_lora
 
     backbone = merge_lora(model.backbone) if model.hparams.get("lora_rank") else model.backbone
-    return nn.Sequential(backbone, model.head).eval()
+    return nn.Sequential(model.normalize, backbone, model.head).eval()
+
+
+def input_kind(shape: tuple[int, ...]) -> str:
+    """'image' (channels, height, width) or 'table' (features): what the exported model is fed."""
+    return "image" if len(shape) == 3 else "table"
+
+
+def raw_inputs(model, shape: tuple[int, ...], sizes, generator: torch.Generator) -> list[torch.Tensor]:
+    """Random batches of raw inputs: pixels in [0, 1], or feature values spread like the training rows'."""
+    if input_kind(shape) == "image":
+        return [torch.rand(n, *shape, generator=generator) for n in sizes]
+    mean, std = model.normalize.mean, model.normalize.std
+    return [mean + std * torch.randn(n, *shape, generator=generator) for n in sizes]
+
+
+def deployment_info(model, shape: tuple[int, ...], fmt: str, out: Path, checkpoint: Path) -> dict:
+    """What the JSON file beside an export says: enough to feed the model and read its output."""
+    names = model.hparams.get("class_names") or [str(k) for k in range(model.hparams.get("num_classes"))]
+    kind = input_kind(shape)
+    described = {
+        "image": "pixels as float32 in [0, 1] (uint8 value / 255), channels first: (batch, channels, height, width)",
+        "table": "the raw feature values (not standardised), in the order of `features`",
+    }
+    info = {
+        "file": out.name,
+        "format": fmt,
+        "checkpoint": str(checkpoint.resolve()),
+        "input": {
+            "kind": kind,
+            "shape": ["batch", *shape],
+            "dtype": "float32",
+            "range": [0.0, 1.0] if kind == "image" else None,
+            "description": described[kind],
+        },
+        "features": model.hparams.get("feature_names") if kind == "table" else None,
+        "classes": [str(n) for n in names],
+        "output": "logits, one per class in the order of `classes`; softmax gives probabilities",
+        # Already applied inside the model; here for reference only.
+        "normalization": {
+            "mean": model.normalize.mean.flatten().tolist(),
+            "std": model.normalize.std.flatten().tolist(),
+        },
+    }
+    if fmt == "onnx":
+        info["onnx"] = {"input": "input", "output": "logits"}
+    return info
 
 
 def write_file(net: nn.Module, sample: torch.Tensor, fmt: str, path: Path) -> None:
@@ -148,15 +201,14 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
     out = Path(output) if output else checkpoint.with_suffix(FORMATS[fmt])
     if not out.parent.is_dir():
         raise UserError(f"--output={out}: the folder {out.parent} does not exist")
+    described = out.with_name(out.name + ".json")
 
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(n, *shape, generator=generator) for n in dict.fromkeys((batch_size, 1))]
+    batches = raw_inputs(model, shape, dict.fromkeys((batch_size, 1)), generator)
     with torch.no_grad():
         expected = [net(x) for x in batches]
 
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=out.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp, tmp_json = (temporary_beside(path) for path in (out, described))
     try:
         write_file(net, batches[0], fmt, tmp)
         run = load_file(fmt, tmp)
@@ -171,12 +223,15 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
                     f"on random batches of {' and '.join(str(len(x)) for x in batches)}; nothing written "
                     "(try another --format, or --tolerance if the difference is acceptable)"
                 )
+        tmp_json.write_text(json.dumps(deployment_info(model, shape, fmt, out, checkpoint), indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, out)
+        for path, final in ((tmp, out), (tmp_json, described)):
+            path.chmod(0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+            os.replace(path, final)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
 
     sizes = " and ".join(str(len(x)) for x in batches)
     line = f"Wrote {out} ({out.stat().st_size / 1024:.0f} KB); "
@@ -186,12 +241,21 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
         line += f"max |difference| vs PyTorch on batches of {sizes}: {difference:.1e} (tolerance {tolerance:.0e}): OK"
     print(line)
     classes = model.hparams.get("class_names")
+    raw = "pixels in [0, 1] (uint8 / 255)" if input_kind(shape) == "image" else "raw feature values"
     print(
-        f"Input: float32 (batch, {', '.join(map(str, shape))}), normalised like the training data "
-        f"((x - mean) / std per channel, as the data module does); output: logits for "
-        f"{model.hparams.get('num_classes')} classes" + (f" ({', '.join(map(str, classes))})" if classes else "")
+        f"Input: float32 (batch, {', '.join(map(str, shape))}), {raw}: the training data's normalisation is "
+        f"inside the model; output: logits for {model.hparams.get('num_classes')} classes"
+        + (f" ({', '.join(map(str, classes))})" if classes else "")
     )
+    print(f"Wrote {described}: input shape, dtype and range, class names (and feature columns) for deployment")
     return out
+
+
+def temporary_beside(path: Path) -> Path:
+    """An empty temporary file in `path`'s folder, to be renamed onto `path` when complete."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    return Path(name)
 
 
 def main(argv: list[str] | None = None) -> int:

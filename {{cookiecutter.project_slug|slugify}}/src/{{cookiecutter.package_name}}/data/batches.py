@@ -6,8 +6,11 @@ DataLoader's batched request (`__getitems__`) with one indexing operation instea
 batch of 64 costs about what one sample would. Because it is still an ordinary
 DataLoader, the Trainer can shard it across processes (DDP) without any code of ours.
 
-Images stay uint8 until they reach the device; `on_after_batch_transfer` converts and
-normalises each batch there, which moves a quarter of the bytes of float32.
+Images stay uint8 until they reach the device; `on_after_batch_transfer` turns each batch
+into floats there (pixels / 255, in [0, 1]), which moves a quarter of the bytes of float32.
+The normalisation with the training split's mean and std is the model's first layer, not
+the data's: the statistics are computed here (`set_splits`), the model copies them when `fit`
+starts, and its checkpoints and exports carry them.
 """
 
 import lightning as L
@@ -86,6 +89,11 @@ def labelled_subset(
     return torch.cat(keep).sort().values
 
 
+def model_input(x: torch.Tensor) -> torch.Tensor:
+    """What the model is given: uint8 pixels as floats in [0, 1], any other values as float32."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
 class InMemoryDataModule(L.LightningDataModule):
     """Base class: subclasses fill `self.splits` in `setup` with (x, y) tensors per split.
 
@@ -102,7 +110,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self.on_device = on_device
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.ids: dict[str, list[str]] = {}  # a name per sample (file, line) where a split has one
-        self.mean = self.std = None
+        self.mean = self.std = None  # of the training split's model inputs, per channel or feature
+        self.trained = None  # the checkpoint's model settings, for test/predict (use_trained)
         self.labelled = (None, 1.0, 0)  # set by limit_training
         self.shuffle_seed, self.resume_at, self.restored_seed = None, {}, None  # see state_dict
 
@@ -115,16 +124,26 @@ class InMemoryDataModule(L.LightningDataModule):
         self.labelled = (samples_per_class, train_fraction, seed)
 
     def set_splits(self, train, val, test) -> None:
-        """Store the splits and the per-channel statistics of the training images."""
+        """Store the splits and the per-channel (per-feature) statistics of the training inputs."""
         samples_per_class, fraction, seed = self.labelled
         if samples_per_class is not None or fraction < 1:
             index = labelled_subset(train[1], samples_per_class, fraction, seed, self.class_names)
             train = (train[0][index], train[1][index])
         self.splits = {"train": train, "val": val, "test": test}
-        x = train[0].float()
+        x = model_input(train[0])
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 2 else [0]
         self.mean = x.mean(dim=dims, keepdim=True)[0]
         self.std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
+
+    def use_trained(self, model_args: dict) -> None:
+        """Before `test` or `predict` from a checkpoint (the CLI calls it): the settings the model was
+        trained with (class_names, input_shape, feature_names), which take precedence over the files'."""
+        self.trained = {k: model_args.get(k) for k in ("class_names", "input_shape", "feature_names")}
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """A table's feature columns in the model's order; None for images."""
+        return None
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if self.on_device and self.trainer is not None:
@@ -187,16 +206,19 @@ class InMemoryDataModule(L.LightningDataModule):
         """Unlabelled samples to predict instead of the test split, with their ids; None: the test split."""
         return None
 
-    def predict_dataloader(self) -> DataLoader:
+    def load_predict(self) -> bool:
+        """Read the samples of `read_predict` into a 'predict' split (labels -1); False if there are none."""
         if "predict" not in self.splits and (found := self.read_predict()) is not None:
             x, self.ids["predict"] = found
             self.splits["predict"] = (x, torch.full((len(x),), -1))
+        return "predict" in self.splits
+
+    def predict_dataloader(self) -> DataLoader:
+        self.load_predict()
         return self._loader(self.predict_split)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, torch.Tensor):  # the model summary's example input: already the network's input
             return batch
         x, y = batch
-        if self.mean.device != x.device:
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return (x.float() - self.mean) / self.std, y
+        return model_input(x), y

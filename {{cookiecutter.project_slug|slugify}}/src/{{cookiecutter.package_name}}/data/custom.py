@@ -3,6 +3,8 @@
 Both read everything once into memory. Splits come from you (`train`/`val`/`test` files
 or folders) or are cut reproducibly from the training data by fraction and seed.
 Class names are sorted (numerically when they are all integers): label k is the k-th.
+From a checkpoint (`test`, `predict`), the model's own class names and feature columns are
+used instead, so `predict` on a new file needs none of the training files.
 """
 
 import csv
@@ -47,16 +49,23 @@ class _ReadOnce(InMemoryDataModule):
     @cached_property
     def samples(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
         parts, where = self.read()
-        classes = sort_classes(name for _, names, _ in parts.values() for name in names)
+        found = sort_classes(name for _, names, _ in parts.values() for name in names)
+        classes = list(map(str, self.trained_value("class_names") or found))  # the model's order, from a checkpoint
         if len(classes) < 2:
             raise UserError(f"{where}: found {len(classes)} class(es) {classes}; a classifier needs at least two")
+        if unknown := sorted(set(found) - set(classes)):
+            raise UserError(f"{where}: classes {unknown} are not among the model's {classes}; remove those samples")
         index = {name: k for k, name in enumerate(classes)}
         tensors = {s: (x, torch.tensor([index[n] for n in names])) for s, (x, names, _) in parts.items()}
         return tensors, classes, {s: ids for s, (_, _, ids) in parts.items()}
 
+    def trained_value(self, name: str):
+        """The checkpoint's `name` (see use_trained), or None when training or for an older checkpoint."""
+        return (self.trained or {}).get(name)
+
     @property
     def class_names(self) -> list[str]:
-        return self.samples[1]
+        return self.trained_value("class_names") or self.samples[1]
 
     @property
     def num_classes(self) -> int:
@@ -64,10 +73,12 @@ class _ReadOnce(InMemoryDataModule):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.samples[0]["train"][0].shape[1:])
+        return tuple(self.trained_value("input_shape") or self.samples[0]["train"][0].shape[1:])
 
     def setup(self, stage: str) -> None:
-        if self.splits:
+        if stage == "predict" and self.trained and self.load_predict():
+            return  # new samples for a trained model: the training files are not read
+        if "train" in self.splits:
             return
         parts = dict(self.samples[0])
         x, y = parts["train"]
@@ -120,13 +131,23 @@ class CSVDataModule(_ReadOnce):
         self.limit_training(samples_per_class, train_fraction, seed)
         self.features = None  # the training file's feature columns, looked up by name in the others
 
+    def use_trained(self, model_args: dict) -> None:
+        super().use_trained(model_args)
+        self.features = self.trained_value("feature_names") or self.features  # the columns the model reads
+
+    @property
+    def feature_names(self) -> list[str]:
+        if self.features is None:
+            _ = self.samples  # the training file fixes them
+        return self.features
+
     def read_predict(self):
         if not self.hparams.predict_file:
             return None
         path = Path(self.hparams.predict_file)
         if not path.is_file():
             raise UserError(f"{path}: file not found (set --data.predict_file to the CSV to classify)")
-        _ = self.samples  # the training file first: it fixes the feature columns
+        _ = self.feature_names  # the model's columns, or the training file's (read first)
         x, _, ids = self._read_file(path, labelled=False)
         return x, ids
 
@@ -155,7 +176,7 @@ class CSVDataModule(_ReadOnce):
                 raise UserError(f"{path}: no label column {label!r}; columns: {header} (set --data.label_column)")
             if name and name not in header and not labelled:  # optional in the files to train on
                 raise UserError(f"{path}: no id column {name!r}; columns: {header} (set --data.id_column)")
-            features = self.hparams.feature_columns or self.features or [c for c in header if c not in (label, name)]
+            features = self.features or self.hparams.feature_columns or [c for c in header if c not in (label, name)]
             self.features = self.features or features
             absent = [c for c in features if c not in header]
             if absent or not features:
@@ -244,8 +265,17 @@ class ImageFolderDataModule(_ReadOnce):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
             raise UserError(f"{folder}: no images (.png, .jpg, ...) in this folder (set --data.predict_dir)")
-        _ = self.samples  # the training images first: the images to classify must have their size
-        return torch.stack([self._read_image(p) for p in files]), [str(p) for p in files]
+        shape = self.trained_value("input_shape")  # a checkpoint's: the training images are not needed
+        if shape is None:
+            _ = self.samples  # the training images first: the images to classify must have their size
+        x = torch.stack([self._read_image(p) for p in files])
+        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+            c, h, w = shape
+            raise UserError(
+                f"{folder}: images are {tuple(x.shape[1:])} (channels, height, width) but the model takes "
+                f"{tuple(shape)}: set --data.image_size='[{h}, {w}]' and --data.grayscale={str(c == 1).lower()}"
+            )
+        return x, [str(p) for p in files]
 
     def _read_folder(self, folder: Path) -> tuple[torch.Tensor, list[str], list[str]]:
         classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))

@@ -1,7 +1,9 @@
-"""The LightningModule: a backbone and a linear head, trained with cross-entropy.
+"""The LightningModule: input normalisation, a backbone and a linear head, trained with cross-entropy.
 
 Every constructor argument is a plain number, string or list, so checkpoints hold no
-pickled objects and load with `torch.load(weights_only=True)`.
+pickled objects and load with `torch.load(weights_only=True)`. The training data's mean and
+std are buffers of `normalize`, so the model takes raw inputs (pixels in [0, 1], a table's
+own values) and a checkpoint or an export needs nothing from the data to use it.
 """
 
 import math
@@ -16,7 +18,7 @@ from torch import nn
 from ..errors import UserError, say
 from .finetune import add_lora, is_adapter, load_init_weights, merge_lora
 from .metrics import ClassificationScores
-from .nets import build_backbone, example_batch
+from .nets import Normalize, build_backbone, example_batch
 
 
 class Classifier(L.LightningModule):
@@ -24,6 +26,8 @@ class Classifier(L.LightningModule):
 
     Args:
         num_classes, input_shape, class_names: taken from the data (linked by the CLI).
+        feature_names: a table's feature columns, in the order the model reads them (linked from
+            the data; null for images). Saved with the model, so `predict` on a new CSV needs no training file.
         backbone: the network: 'mlp', 'cnn' or 'vit' (a Vision Transformer).
         width: hidden size (mlp), channels of the first block (cnn) or token size (vit).
         depth: hidden layers (mlp), convolution blocks (cnn) or transformer blocks (vit).
@@ -53,6 +57,7 @@ class Classifier(L.LightningModule):
         num_classes: int = 10,
         input_shape: tuple[int, ...] = (1, 28, 28),
         class_names: list[str] | None = None,
+        feature_names: list[str] | None = None,
         backbone: Literal["mlp", "cnn", "vit"] = "mlp",
         width: int = 256,
         depth: int = 2,
@@ -74,6 +79,8 @@ class Classifier(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # The training data's statistics, set when `fit` starts (setup) and saved in every checkpoint.
+        self.normalize = Normalize(input_shape)
         self.backbone = build_backbone(backbone, input_shape, width, depth, dropout, heads, patch_size)
         if lora_rank and not add_lora(self.backbone, lora_rank, lora_alpha):
             raise UserError(
@@ -100,7 +107,7 @@ class Classifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone if self.compiled is None else self.compiled
-        return self.head(backbone(x))
+        return self.head(backbone(self.normalize(x)))
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
@@ -238,7 +245,12 @@ class Classifier(L.LightningModule):
         opaque = self.hparams.compile or isinstance(self.trainer.strategy, FSDPStrategy)
         self.example_input_array = None if opaque else example_batch(self.hparams.input_shape, self.trainer.precision)
         if stage != "fit":
-            return
+            return  # test, predict: the statistics are the checkpoint's (loaded after setup), never recomputed
+        # The statistics of the data this run trains on. A resumed fit then loads its checkpoint's,
+        # which its weights were trained with; init_from loads only the backbone and the head.
+        data = self.trainer.datamodule
+        if getattr(data, "mean", None) is not None:
+            self.normalize.set_statistics(data.mean, data.std)
         h = self.hparams
         if h.freeze_backbone and h.unfreeze_at_epoch is not None and self.trainer.world_size > 1:
             raise UserError(

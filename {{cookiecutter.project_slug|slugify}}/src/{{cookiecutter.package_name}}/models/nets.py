@@ -13,6 +13,31 @@ from torch import nn
 from ..errors import UserError
 
 
+class Normalize(nn.Module):
+    """`(x - mean) / std` with the training data's statistics: per channel for images (C, H, W),
+    per feature for tables (F,).
+
+    They are buffers, not parameters: the optimizer leaves them alone, yet every checkpoint
+    saves them and every export contains them, so a trained model takes raw inputs (pixels in
+    [0, 1], feature values as in the CSV) wherever it runs. `fit` sets them from the data
+    (Classifier.setup); until then they are 0 and 1, which change nothing.
+    """
+
+    def __init__(self, input_shape):
+        super().__init__()
+        shape = (input_shape[0], *[1] * (len(input_shape) - 1))  # broadcasts over (batch, *input_shape)
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean.reshape(self.mean.shape))
+        self.std.copy_(std.reshape(self.std.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class MLP(nn.Sequential):
     """Flatten, then `depth` x (Linear -> ReLU -> Dropout), all `width` wide."""
 
