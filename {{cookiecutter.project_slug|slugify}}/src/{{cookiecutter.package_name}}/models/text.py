@@ -18,6 +18,7 @@ model), and `test`, `predict`, resuming and export rebuild the model from the ba
 folder (`model_name_or_path`) plus the checkpoint.
 """
 
+import warnings
 from typing import Literal
 
 import lightning as L
@@ -29,6 +30,10 @@ from ..pretrained import load_encoder
 from .classifier import Classifier
 from .finetune import is_adapter
 from .metrics import ClassificationScores
+
+# Lightning lists every pretrained weight a small checkpoint leaves out; on_load_checkpoint
+# checks the ones that matter (everything that trained).
+warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
 def add_adapters(encoder: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | None):
@@ -117,6 +122,9 @@ class TextClassifier(Classifier):
         # Classifier's constructor builds a vision or table network; this one builds the encoder
         # and reuses everything else of the Classifier.
         L.LightningModule.__init__(self)
+        # save_hyperparameters reads the arguments from this frame's `__class__` cell, which Python
+        # creates only where `super()` or `__class__` appears: this line is what makes it.
+        assert __class__ is TextClassifier or issubclass(type(self), __class__)
         self.save_hyperparameters()
         if backbone_lr_scale <= 0 or lora_rank < 0:
             raise UserError(f"backbone_lr_scale={backbone_lr_scale} must be > 0 and lora_rank={lora_rank} >= 0")
