@@ -1,4 +1,5 @@
 from .custom import CSVDataModule, ImageFolderDataModule
 from .mnist import MNISTDataModule
+from .text import TextDataModule
 
-__all__ = ["CSVDataModule", "ImageFolderDataModule", "MNISTDataModule"]
+__all__ = ["CSVDataModule", "ImageFolderDataModule", "MNISTDataModule", "TextDataModule"]

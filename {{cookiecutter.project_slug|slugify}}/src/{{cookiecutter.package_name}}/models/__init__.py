@@ -1,3 +1,4 @@
 from .classifier import Classifier
+from .text import TextClassifier
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "TextClassifier"]

@@ -93,8 +93,9 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 def is_adapter(name: str) -> bool:
-    """Whether a parameter or buffer name belongs to a LoRA adapter."""
-    return name.rsplit(".", 1)[-1] in ADAPTER_KEYS
+    """Whether a parameter or buffer name belongs to a LoRA adapter (ours, or peft's in text models)."""
+    parts = name.split(".")
+    return parts[-1] in ADAPTER_KEYS or "lora_A" in parts or "lora_B" in parts
 
 
 def merge_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,202 @@
+"""Fine-tune a pretrained language model: a Hugging Face encoder and a linear head.
+
+The recipe of the tutorials (load a pretrained model, tokenise labelled data, fine-tune,
+evaluate, deploy) in the shape of the rest of the project: `TextClassifier` is a
+`Classifier` whose backbone is a pretrained transformer encoder (BERT, MiniLM, RoBERTa, ...)
+instead of a network built from scratch. The training and evaluation steps, the metrics,
+the warm-up and cosine schedule, the frozen backbone and the backbone learning rate are the
+Classifier's; only building the network, the forward pass and the checkpoint contents differ.
+
+A batch is (x, y) with x of shape (batch, 2, tokens): token ids and the attention mask,
+as data/text.py makes them. The encoder's last hidden states are averaged over the real
+tokens (or its first token is taken, `pooling: cls`), then dropout and the head give logits.
+
+LoRA (`lora_rank` > 0) goes through peft: small low-rank matrices next to the attention
+projections learn the change, the pretrained weights stay as they are. A checkpoint then
+holds only what trained (the adapters and the head: a few hundred KB instead of the whole
+model), and `test`, `predict`, resuming and export rebuild the model from the base model's
+folder (`model_name_or_path`) plus the checkpoint.
+"""
+
+import warnings
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..pretrained import load_encoder
+from .classifier import Classifier
+from .finetune import is_adapter
+from .metrics import ClassificationScores
+
+# Lightning lists every pretrained weight a small checkpoint leaves out; on_load_checkpoint
+# checks the ones that matter (everything that trained).
+warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+
+
+def add_adapters(encoder: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | None):
+    """`encoder` with peft LoRA adapters of `rank` on the `targets` modules (null: peft's choice
+    for the architecture, e.g. BERT's attention `query` and `value`)."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    try:
+        return peft.get_peft_model(encoder, config)
+    except ValueError as err:
+        kind = getattr(encoder.config, "model_type", "?")
+        raise UserError(
+            f"lora_rank={rank}: no LoRA target modules for a {kind!r} model ({str(err).splitlines()[0]}); "
+            "name them with --model.lora_target_modules='[q_proj, v_proj]' (the Linear layers' names)"
+        ) from None
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per text: the mean of the real tokens' hidden states, or the first token's ('cls')."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
+def layer_class(encoder: nn.Module) -> type[nn.Module]:
+    """The class of the encoder's transformer layers: the members of its longest ModuleList of
+    modules of one class (BertLayer, RobertaLayer, ...). FSDP shards and gathers one at a time."""
+    stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    stacks = [m for m in stacks if len({type(layer) for layer in m}) == 1]
+    if not stacks:
+        raise UserError(f"{type(encoder).__name__}: no stack of transformer layers found to shard with FSDP")
+    return type(max(stacks, key=len)[0])
+
+
+class TextClassifier(Classifier):
+    """Classify texts into `num_classes` classes with a pretrained encoder and a linear head.
+
+    Args:
+        num_classes, input_shape, class_names: taken from the data (linked by the CLI);
+            input_shape is (2, max_length): token ids and attention mask.
+        model_name_or_path: the pretrained model: a local folder (config.json, model.safetensors,
+            tokenizer files) or a Hugging Face Hub name (e.g. bert-base-chinese for Chinese text).
+            The data's tokenizer is this model's.
+        pooling: 'mean': the average of the last hidden states of the real tokens; 'cls': the first token's.
+        dropout: dropout before the head (the encoder keeps the dropout of its own config).
+        lr: peak learning rate of AdamW (the head and LoRA adapters).
+        weight_decay, scheduler, warmup_steps, label_smoothing: as for the Classifier.
+        freeze_backbone: train only the head (the encoder and any adapters are frozen).
+        unfreeze_at_epoch: with freeze_backbone, the epoch from which the encoder trains too.
+        backbone_lr_scale: the encoder's learning rate is lr x this (e.g. 0.1 for a full fine-tune
+            with a fresh head); the head and adapters train at lr.
+        lora_rank: rank of peft LoRA adapters; only the adapters and the head train. 0: no
+            adapters, all weights train (configs/text_full.yaml).
+        lora_alpha: the adapters' output is scaled by lora_alpha / lora_rank.
+        lora_dropout: dropout on the adapters' input.
+        lora_target_modules: names of the Linear layers that get adapters, e.g. [query, key, value];
+            null: peft's default for the architecture.
+        gradient_checkpointing: recompute the encoder's activations in the backward pass instead of
+            storing them: less memory, about a third more time per step.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        input_shape: tuple[int, ...] = (2, 128),
+        class_names: list[str] | None = None,
+        model_name_or_path: str = "models/encoder",
+        pooling: Literal["mean", "cls"] = "mean",
+        dropout: float = 0.1,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        label_smoothing: float = 0.0,
+        freeze_backbone: bool = False,
+        unfreeze_at_epoch: int | None = None,
+        backbone_lr_scale: float = 1.0,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.1,
+        lora_target_modules: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        # Classifier's constructor builds a vision or table network; this one builds the encoder
+        # and reuses everything else of the Classifier.
+        L.LightningModule.__init__(self)
+        # save_hyperparameters reads the arguments from this frame's `__class__` cell, which Python
+        # creates only where `super()` or `__class__` appears: this line is what makes it.
+        assert __class__ is TextClassifier or issubclass(type(self), __class__)
+        self.save_hyperparameters()
+        if backbone_lr_scale <= 0 or lora_rank < 0:
+            raise UserError(f"backbone_lr_scale={backbone_lr_scale} must be > 0 and lora_rank={lora_rank} >= 0")
+        encoder = load_encoder(model_name_or_path)
+        if gradient_checkpointing:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_rank:
+            encoder = add_adapters(encoder, lora_rank, lora_alpha, lora_dropout, lora_target_modules)
+        self.backbone = encoder
+        object.__setattr__(self, "compiled", None)  # no torch.compile option here (Classifier.forward's)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+        self.train_metrics = ClassificationScores(num_classes, prefix="train/")
+        self.val_metrics = ClassificationScores(num_classes, prefix="val/")
+        self.test_metrics = ClassificationScores(num_classes, prefix="test/")
+        self._apply_freezing(epoch=0, modes=False)
+        # Checkpoints may leave out the pretrained weights (saved_in_checkpoint); the model was
+        # built from them above, and on_load_checkpoint checks that nothing else is missing.
+        self.strict_loading = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.head(self.dropout(pool(hidden, mask, self.hparams.pooling)))
+
+    def saved_in_checkpoint(self, key: str) -> bool:
+        """Whether state_dict entry `key` goes into checkpoints: all but the pretrained weights
+        that never train in this run (with LoRA, or a backbone frozen for the whole run)."""
+        if not key.startswith("backbone."):
+            return True
+        if self.hparams.lora_rank:
+            return is_adapter(key)
+        return not (self.hparams.freeze_backbone and self.hparams.unfreeze_at_epoch is None)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if not self.saved_in_checkpoint(k)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        have = checkpoint.get("state_dict", {})
+        missing = [k for k in self.state_dict() if self.saved_in_checkpoint(k) and k not in have]
+        if missing:
+            raise UserError(
+                f"the checkpoint lacks {len(missing)} of this model's trained weights (e.g. {missing[0]}): "
+                "it was written for another model or other LoRA settings"
+            )
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        if stage == "fit" and h.freeze_backbone and h.unfreeze_at_epoch is not None and self.trainer.world_size > 1:
+            raise UserError(
+                "unfreeze_at_epoch with more than one process: DDP fixes the trained parameters when it starts. "
+                "Train with --model.freeze_backbone=false (or LoRA) instead"
+            )
+
+    def on_predict_start(self) -> None:
+        pass  # the adapters run as trained; export merges them (text_export.py)
+
+    def inference_network(self) -> nn.Module:
+        """A plain module `(input_ids, attention_mask) -> logits`, LoRA merged into the weights."""
+        encoder = self.backbone.merge_and_unload() if self.hparams.lora_rank else self.backbone
+        return TextNetwork(encoder, self.head, self.hparams.pooling).eval()
+
+
+class TextNetwork(nn.Module):
+    """The encoder, pooling and head without Lightning: what export writes to a file."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear, pooling: str):
+        super().__init__()
+        self.encoder, self.head, self.pooling = encoder, head, pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.pooling))

@@ -1,0 +1,81 @@
+"""Loading pretrained Hugging Face models and tokenizers, with mistakes as one-line errors.
+
+Used by both models/text.py (the encoder) and data/text.py (its tokenizer), which must not
+import each other. transformers and peft come with the `text` extra and are imported only
+here, on first use: without them everything else in the project still works.
+
+`name` is a local folder (config.json, the weights, the tokenizer files) or a Hub name such
+as `bert-base-chinese`, downloaded once into the Hugging Face cache. With HF_HUB_OFFLINE=1
+nothing is downloaded: only folders and models already in the cache load.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, brief
+
+TEXT_EXTRA = "pip install -e '.[text]'"
+
+
+def transformers():
+    """The transformers module, or a UserError with the install command."""
+    try:
+        import peft  # noqa: F401  (LoRA; checked together so the message names the whole extra)
+        import transformers
+    except ImportError as err:
+        raise UserError(f"text models need the packages transformers and peft ({brief(err)}): {TEXT_EXTRA}") from None
+    transformers.logging.set_verbosity_error()  # "Some weights were not initialized ...": the head, on purpose
+    transformers.logging.disable_progress_bar()  # a bar per model load
+    return transformers
+
+
+def _not_found(name: str, err: BaseException) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if Path(name).is_dir():
+        why = f"{name}: this folder is not a Hugging Face model ({brief(err)})"
+    elif offline:
+        why = f"{name}: no such folder, and HF_HUB_OFFLINE=1 forbids downloading it from the Hub"
+    else:
+        why = f"{name}: no such folder, and it could not be loaded from the Hugging Face Hub ({brief(err)})"
+    return UserError(
+        f"{why}. Put a model folder (config.json, model.safetensors, tokenizer files) on this machine, e.g. "
+        f"models/<name>/ (download it once where the Hub is reachable: `hf download <name> --local-dir "
+        "models/<name>`; HF_ENDPOINT selects a Hub mirror), and give --model.model_name_or_path=models/<name>"
+    )
+
+
+def load_tokenizer(name: str):
+    """The (fast) tokenizer of model `name`."""
+    hf = transformers()
+    try:
+        return hf.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as err:
+        raise _not_found(name, err) from None
+
+
+def load_encoder(name: str):
+    """The pretrained encoder of model `name` (no task head), in train mode.
+
+    transformers 5 returns models in eval mode and Lightning keeps a module's mode, so without
+    `.train()` every Dropout of the encoder would stay off during fine-tuning.
+    """
+    hf = transformers()
+    try:
+        # safetensors only: a pickled pytorch_model.bin can run code when it is loaded.
+        encoder = hf.AutoModel.from_pretrained(name, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise _not_found(name, err) from None
+    return encoder.train()
+
+
+def encoder_skeleton(name: str):
+    """Model `name`'s architecture without its weights (on the meta device: no memory, no file read)."""
+    hf = transformers()
+    try:
+        config = hf.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as err:
+        raise _not_found(name, err) from None
+    with torch.device("meta"):
+        return hf.AutoModel.from_config(config)
