@@ -76,6 +76,7 @@ class TextClassifier(Classifier):
     Args:
         num_classes, input_shape, class_names: taken from the data (linked by the CLI);
             input_shape is (2, max_length): token ids and attention mask.
+        feature_names: linked from the data like the others; a text model has no feature columns (None).
         model_name_or_path: the pretrained model: a local folder (config.json, model.safetensors,
             tokenizer files) or a Hugging Face Hub name (e.g. bert-base-chinese for Chinese text).
             The data's tokenizer is this model's.
@@ -102,6 +103,7 @@ class TextClassifier(Classifier):
         num_classes: int = 2,
         input_shape: tuple[int, ...] = (2, 128),
         class_names: list[str] | None = None,
+        feature_names: list[str] | None = None,
         model_name_or_path: str = "models/encoder",
         pooling: Literal["mean", "cls"] = "mean",
         dropout: float = 0.1,
@@ -126,6 +128,7 @@ class TextClassifier(Classifier):
         # creates only where `super()` or `__class__` appears: this line is what makes it.
         assert __class__ is TextClassifier or issubclass(type(self), __class__)
         self.save_hyperparameters()
+        self.checkpoint_step = None  # as in Classifier: where the loaded checkpoint sits on the run's charts
         if backbone_lr_scale <= 0 or lora_rank < 0:
             raise UserError(f"backbone_lr_scale={backbone_lr_scale} must be > 0 and lora_rank={lora_rank} >= 0")
         encoder = load_encoder(model_name_or_path)
@@ -172,6 +175,7 @@ class TextClassifier(Classifier):
                 f"the checkpoint lacks {len(missing)} of this model's trained weights (e.g. {missing[0]}): "
                 "it was written for another model or other LoRA settings"
             )
+        super().on_load_checkpoint(checkpoint)
 
     def setup(self, stage: str) -> None:
         h = self.hparams
