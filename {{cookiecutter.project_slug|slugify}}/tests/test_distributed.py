@@ -228,7 +228,7 @@ def test_compile_trains_and_matches_the_plain_network(workdir, capsys):
     assert isinstance(model.compiled, torch._dynamo.eval_frame.OptimizedModule)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
-        assert torch.allclose(model(x), model.head(model.backbone(x)), atol=1e-5)
+        assert torch.allclose(model(x), model.head(model.backbone(model.normalize(x))), atol=1e-5)
 
 
 # --- on an NVIDIA GPU (pytest -m gpu) ----------------------------------------------------------
