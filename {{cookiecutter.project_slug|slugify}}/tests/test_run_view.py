@@ -149,7 +149,9 @@ KNOWN = [
 
 @pytest.mark.slow
 def test_default_fit_prints_only_known_useful_lines(workdir):
-    as_a_user = {"JSONARGPARSE_DEPRECATION_WARNINGS": ""}  # as unset: jsonargparse's warnings are not turned off
+    # As unset: jsonargparse's warnings are not turned off. A terminal 200 columns wide, so that
+    # Rich keeps each row of the summary on one line.
+    as_a_user = {"JSONARGPARSE_DEPRECATION_WARNINGS": "", "COLUMNS": "200"}
     # The default config (the shipped digits), one epoch, no progress bar to parse.
     result = run_train_py(
         "fit", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", cwd=workdir, env=as_a_user
