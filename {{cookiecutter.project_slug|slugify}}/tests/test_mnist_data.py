@@ -9,7 +9,7 @@ from conftest import synthetic_digits
 from torch.utils.data import DataLoader
 
 from {{ cookiecutter.package_name }}.data import batches
-from {{ cookiecutter.package_name }}.data.batches import TensorSamples, keep_batch
+from {{ cookiecutter.package_name }}.data.batches import TensorSamples, already_stacked
 from {{ cookiecutter.package_name }}.data.idx import write_idx
 from {{ cookiecutter.package_name }}.data.mnist import DATASETS, FILES, MNISTDataModule
 from {{ cookiecutter.package_name }}.errors import UserError
@@ -336,7 +336,7 @@ def counting(monkeypatch):
 
 def test_dataloader_fetches_whole_batches(counting):
     x, y = unique_digits(100, 0)
-    loader = DataLoader(counting(x, y), batch_size=16, collate_fn=keep_batch)
+    loader = DataLoader(counting(x, y), batch_size=16, collate_fn=already_stacked)
     got = list(loader)
     assert (counting.batched, counting.single) == (math.ceil(100 / 16), 0)
     assert [len(b[1]) for b in got] == [16] * 6 + [4]

@@ -21,7 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
 from torchmetrics import Metric
 
-from .errors import say
+from .errors import rank_zero_print
+from .internals import tensorboard_file_writer
 
 
 def class_names(pl_module, num_classes: int) -> list[str]:
@@ -111,7 +112,9 @@ class PredictionWriter(BasePredictionWriter):
             rows = [rows[i] for i in sorted(rows)]
         if trainer.is_global_zero:
             self._finish(rows)
-            say(f"Predictions for {self.count if rows is None else len(rows)} samples written to {self.path}")
+            rank_zero_print(
+                f"Predictions for {self.count if rows is None else len(rows)} samples written to {self.path}"
+            )
 
     def _finish(self, rows: list[list[str]] | None) -> None:
         """Write header and rows (without the index column) to a new file that replaces `path`."""
@@ -281,18 +284,18 @@ class TensorBoardViews(Callback):
         params = flatten({k: v for k, v in pl_module.hparams_initial.items() if not k.startswith("_")})
         data = getattr(trainer.datamodule, "hparams_initial", {})
         params.update(flatten({k: v for k, v in data.items() if not k.startswith("_")}, "data/"))
-        writer = logger.experiment._get_file_writer()
+        writer = tensorboard_file_writer(logger)
         for summary in hparams(params, dict.fromkeys(self.hparams_metrics, 0.0)):
             writer.add_summary(summary)
 
-    def _draws(self, trainer) -> bool:
+    def should_draw(self, trainer) -> bool:
         if trainer.sanity_checking or not self.every_n_epochs or self._tensorboard(trainer) is None:
             return False
         return trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._wrong = []
-        if self.misclassified and self._draws(trainer) and trainer.is_global_zero:
+        if self.misclassified and self.should_draw(trainer) and trainer.is_global_zero:
             # The logits of the validation steps, as the model computes them: no extra forward pass.
             self._hook = pl_module.register_forward_hook(self._keep_logits)
 
@@ -318,7 +321,7 @@ class TensorBoardViews(Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if not self._draws(trainer):
+        if not self.should_draw(trainer):
             return
         metric = getattr(pl_module, "val_metrics", None)
         counts = None

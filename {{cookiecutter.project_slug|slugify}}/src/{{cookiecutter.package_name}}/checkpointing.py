@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .errors import UserError, say
+from .errors import UserError, rank_zero_print
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -163,4 +163,6 @@ class LastCheckpoint(ModelCheckpoint):
                 logger.finalize("interrupted")
             args = [a for a in sys.argv[1:] if not a.startswith("--ckpt_path")]
             command = shlex.join(["python", "train.py", *args, "--ckpt_path=last"])
-            say(f"Received {self.stopped_by or 'SIGTERM'}: saved {self.path.resolve()}; resume with: {command}")
+            rank_zero_print(
+                f"Received {self.stopped_by or 'SIGTERM'}: saved {self.path.resolve()}; resume with: {command}"
+            )

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
 from .data.batches import InMemoryDataModule
-from .errors import UserError, brief, checkpoint_error, say
+from .errors import UserError, checkpoint_error, first_line, rank_zero_print
 from .models import Classifier
 from .quiet import quiet
 
@@ -82,7 +82,7 @@ def setup_hardware(trainer) -> None:
         precision = supported_precision(trainer.precision)
         if precision != str(trainer.precision):
             name = torch.cuda.get_device_name()
-            say(f"This GPU ({name}) has no bfloat16: precision {precision}, not {trainer.precision}")
+            rank_zero_print(f"This GPU ({name}) has no bfloat16: precision {precision}, not {trainer.precision}")
             trainer.precision = precision
 
 
@@ -134,7 +134,7 @@ class RunSummary(Callback):
     """Prints `describe_run` once (first process) when `fit` starts."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        say(describe_run(trainer, pl_module))
+        rank_zero_print(describe_run(trainer, pl_module))
 
 
 def newest_checkpoint(root: Path, which: str, version: str = "*") -> Path | None:
@@ -240,7 +240,7 @@ class CLI(LightningCLI):
         init.default_hp_metric = False  # the run has its HPARAMS record and hp_metric already
         logger.dict_kwargs = {**(logger.get("dict_kwargs") or {}), "filename_suffix": f".{sub}"}
         self.joined = (run, sub, set(run.glob(f"events.out.tfevents.*.{sub}")))
-        say(f"Results are added to the checkpoint's run, {run}")
+        rank_zero_print(f"Results are added to the checkpoint's run, {run}")
 
     def _replace_earlier_results(self) -> None:
         if self.joined is not None and self.trainer.is_global_zero:
@@ -261,7 +261,7 @@ class CLI(LightningCLI):
             folder = "*" if version is None else f"version_{version}" if isinstance(version, int) else str(version)
             path = newest_checkpoint(root, given, folder)
             if path is None and sub == "fit":
-                say(f"No '{given}' checkpoint under {root}: training starts from scratch.")
+                rank_zero_print(f"No '{given}' checkpoint under {root}: training starts from scratch.")
                 config.ckpt_path = None
                 return
             if path is None:
@@ -271,7 +271,7 @@ class CLI(LightningCLI):
                 )
             if sub == "fit" and init.get("version") is None:
                 init.version = path.parent.parent.name  # resume in the same log folder
-            say(f"Using checkpoint {path}")
+            rank_zero_print(f"Using checkpoint {path}")
             config.ckpt_path = str(path)
         elif not Path(given).is_file():
             raise UserError(
@@ -318,7 +318,7 @@ def explain(err: BaseException | None) -> str | None:
         if isinstance(err, UserError):
             return str(err)
         if isinstance(err, RuntimeError) and "loading state_dict" in str(err):
-            detail = brief(str(err).split("\n", 1)[-1].strip())
+            detail = first_line(str(err).split("\n", 1)[-1].strip())
             return f"the checkpoint does not fit this model ({detail}); use one trained with the same backbone"
         err = err.__cause__
     return None

@@ -19,12 +19,12 @@ class UserError(Exception):
 
 
 @rank_zero_only
-def say(message: str) -> None:
+def rank_zero_print(message: str) -> None:
     """Print from the first process only: multi-GPU and multi-node runs start one process per device."""
     print(message, flush=True)
 
 
-def brief(err: object) -> str:
+def first_line(err: object) -> str:
     """The first line of an exception's message, cut at a word boundary."""
     text = str(err).strip()
     return textwrap.shorten(text.splitlines()[0] if text else type(err).__name__, 160)
@@ -38,9 +38,11 @@ def checkpoint_error(what: str, path, err: BaseException) -> UserError:
     if isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(path):
         return UserError(
             f"{what}: refused to load: it holds objects that safe loading "
-            f"(torch.load(weights_only=True)) does not allow ({brief(err)}). "
+            f"(torch.load(weights_only=True)) does not allow ({first_line(err)}). "
             "Only checkpoints written by this project are accepted"
         )
     if isinstance(err, pickle.UnpicklingError):  # not written by torch.save at all
         return UserError(f"{what}: not a readable checkpoint (not a file written by torch.save)")
-    return UserError(f"{what}: not a readable checkpoint ({brief(err)}); it may be truncated: use another .ckpt file")
+    return UserError(
+        f"{what}: not a readable checkpoint ({first_line(err)}); it may be truncated: use another .ckpt file"
+    )

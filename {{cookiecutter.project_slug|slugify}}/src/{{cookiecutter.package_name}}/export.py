@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError, brief, checkpoint_error
+from .errors import UserError, checkpoint_error, first_line
+from .internals import ONNX_REGISTRATION
 
 FORMATS = {"exported_program": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
 ONNX_EXTRA = "pip install -e '.[onnx]'"
@@ -72,7 +73,7 @@ def load_classifier(path: Path):
         model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True, compile=False)
     except RuntimeError as err:
         if "loading state_dict" in str(err):
-            detail = brief(str(err).split("\n", 1)[-1])
+            detail = first_line(str(err).split("\n", 1)[-1])
             raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
         raise checkpoint_error(path, path, err) from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError) as err:
@@ -149,7 +150,7 @@ def write_file(net: nn.Module, sample: torch.Tensor, fmt: str, path: Path) -> No
                 traced = torch.jit.trace(net, sample)
             torch.jit.save(traced, str(path))
         else:
-            registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+            registration = logging.getLogger(ONNX_REGISTRATION)
             level = registration.level
             registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
             try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, brief
+from .errors import UserError, first_line
 
 TEXT_EXTRA = "pip install -e '.[text]'"
 
@@ -25,7 +25,9 @@ def transformers():
         import peft  # noqa: F401  (LoRA; checked together so the message names the whole extra)
         import transformers
     except ImportError as err:
-        raise UserError(f"text models need the packages transformers and peft ({brief(err)}): {TEXT_EXTRA}") from None
+        raise UserError(
+            f"text models need the packages transformers and peft ({first_line(err)}): {TEXT_EXTRA}"
+        ) from None
     transformers.logging.set_verbosity_error()  # "Some weights were not initialized ...": the head, on purpose
     transformers.logging.disable_progress_bar()  # a bar per model load
     return transformers
@@ -34,11 +36,11 @@ def transformers():
 def _not_found(name: str, err: BaseException) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     if Path(name).is_dir():
-        why = f"{name}: this folder is not a Hugging Face model ({brief(err)})"
+        why = f"{name}: this folder is not a Hugging Face model ({first_line(err)})"
     elif offline:
         why = f"{name}: no such folder, and HF_HUB_OFFLINE=1 forbids downloading it from the Hub"
     else:
-        why = f"{name}: no such folder, and it could not be loaded from the Hugging Face Hub ({brief(err)})"
+        why = f"{name}: no such folder, and it could not be loaded from the Hugging Face Hub ({first_line(err)})"
     return UserError(
         f"{why}. Put a model folder (config.json, model.safetensors, tokenizer files) on this machine, e.g. "
         f"models/<name>/ (download it once where the Hub is reachable: `hf download <name> --local-dir "

@@ -8,6 +8,8 @@ import logging
 import re
 import warnings
 
+from .internals import LIGHTNING_PYTREE
+
 # Lightning prints its information lines (rank_zero_info) through this logger.
 LIGHTNING_INFO = "lightning.pytorch.utilities.rank_zero"
 NOISE = re.compile(
@@ -31,5 +33,5 @@ def quiet() -> None:
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
+        module=re.escape(LIGHTNING_PYTREE),
     )

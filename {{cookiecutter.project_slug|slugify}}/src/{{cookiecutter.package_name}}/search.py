@@ -47,7 +47,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from .cli import explain, run
-from .errors import UserError, brief
+from .errors import UserError, first_line
 
 TYPES = {
     "float": ({"type", "low", "high"}, {"log", "step"}),
@@ -140,7 +140,7 @@ def load_space(path: str) -> dict[str, dict]:
     try:
         space = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"--space {path}: not valid YAML ({brief(err)})") from None
+        raise UserError(f"--space {path}: not valid YAML ({first_line(err)})") from None
     if not isinstance(space, dict) or not space:
         raise UserError(
             f"--space {path}: expected a mapping from config keys to entries such as "
@@ -252,13 +252,13 @@ def objective(trial, space: dict, base: list[str], output: Path, metric: str, di
         # The parser refused a sampled value; it printed why.
         raise TrialFailed(f"the command line refused the options: {parser_error(stderr.tail, exit.code)}") from None
     except torch.cuda.OutOfMemoryError as err:
-        raise TrialFailed(f"out of memory ({brief(err)})") from None
+        raise TrialFailed(f"out of memory ({first_line(err)})") from None
     except (optuna.TrialPruned, KeyboardInterrupt):
         raise
     except Exception as err:  # a bug in a trial must not end the study: record it, go on
-        reason = explain(err) or f"{type(err).__name__}: {brief(err)}"
+        reason = explain(err) or f"{type(err).__name__}: {first_line(err)}"
         if "out of memory" in str(err).lower():
-            reason = f"out of memory ({brief(err)})"
+            reason = f"out of memory ({first_line(err)})"
         raise TrialFailed(reason) from None
     finally:
         del cli
@@ -280,7 +280,7 @@ def parser_error(text: str, code) -> str:
     lines = [line.strip() for line in text.rsplit("error:", 1)[-1].splitlines() if line.strip()]
     keys = [line for line in lines if line.startswith("Parser key")]
     detail = next((line for line in lines if "Got value" in line), "")
-    return brief(" ".join(filter(None, [keys[-1] if keys else (lines[0] if lines else f"exit {code}"), detail])))
+    return first_line(" ".join(filter(None, [keys[-1] if keys else (lines[0] if lines else f"exit {code}"), detail])))
 
 
 def counted(trial) -> bool:

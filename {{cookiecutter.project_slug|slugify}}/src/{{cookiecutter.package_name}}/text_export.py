@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, brief, checkpoint_error
+from .errors import UserError, checkpoint_error, first_line
 
 INPUTS = ("input_ids", "attention_mask")
 
@@ -48,7 +48,7 @@ def load_text_model(path: Path):
         model = TextClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except RuntimeError as err:
         if "loading state_dict" in str(err):
-            detail = brief(str(err).split("\n", 1)[-1])
+            detail = first_line(str(err).split("\n", 1)[-1])
             raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
         raise checkpoint_error(path, path, err) from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, KeyError, TypeError) as err:

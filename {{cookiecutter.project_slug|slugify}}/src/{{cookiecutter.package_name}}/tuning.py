@@ -20,7 +20,7 @@ keep the value found, and then the ordinary training run follows with it. Ours a
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .errors import UserError, say
+from .errors import UserError, rank_zero_print
 
 
 class LRFinder(LearningRateFinder):
@@ -52,7 +52,7 @@ class LRFinder(LearningRateFinder):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path:
-            say("Learning-rate finder: skipped, the run resumes from a checkpoint")
+            rank_zero_print("Learning-rate finder: skipped, the run resumes from a checkpoint")
             return
         before = pl_module.hparams.lr
         # The test may need more epochs than the run has (small data): max_steps alone ends it.
@@ -65,13 +65,13 @@ class LRFinder(LearningRateFinder):
             return
         self.suggestion = self.optimal_lr.suggestion()
         if self.suggestion is None:
-            say(
+            rank_zero_print(
                 f"Learning-rate finder: no suggestion (too few finite losses; raise num_training_steps); "
                 f"training continues with lr {before:.1e}"
             )
         else:
             trainer.strategy.setup_optimizers(trainer)  # configure_optimizers again, with hparams.lr = suggestion
-            say(
+            rank_zero_print(
                 f"Learning-rate finder: suggested lr {self.suggestion:.1e} (was {before:.1e}); "
                 "training continues with it"
             )
@@ -141,7 +141,7 @@ class BatchFinder(BatchSizeFinder):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path:
-            say("Batch-size finder: skipped, the run resumes from a checkpoint")
+            rank_zero_print("Batch-size finder: skipped, the run resumes from a checkpoint")
             return
         before = trainer.datamodule.batch_size if trainer.datamodule is not None else None
         self.scale_batch_size(trainer, pl_module)
@@ -151,7 +151,7 @@ class BatchFinder(BatchSizeFinder):
         if size != before:
             trainer.strategy.setup_optimizers(trainer)  # the schedule's length depends on the batch size
         steps, devices, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
-        say(
+        rank_zero_print(
             f"Batch-size finder: largest batch that fits: {size}; effective batch size {size} x {steps} "
             f"accumulation x {devices * nodes} device{'s' * (devices * nodes != 1)} = {size * steps * devices * nodes}"
         )

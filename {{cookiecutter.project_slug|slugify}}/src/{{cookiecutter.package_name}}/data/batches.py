@@ -13,6 +13,8 @@ the data's: the statistics are computed here (`set_splits`), the model copies th
 starts, and its checkpoints and exports carry them.
 """
 
+from typing import NamedTuple
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -57,7 +59,7 @@ class EpochSampler(Sampler[int]):
         return iter(order[skip:].tolist())
 
 
-def keep_batch(batch):
+def already_stacked(batch):
     """Collate function: `__getitems__` already returned a stacked batch."""
     return batch
 
@@ -89,6 +91,14 @@ def labelled_subset(
     return torch.cat(keep).sort().values
 
 
+class TrainingSubset(NamedTuple):
+    """Which part of the training split to keep (`limit_training`); the default keeps all of it."""
+
+    samples_per_class: int | None = None
+    fraction: float = 1.0
+    seed: int = 0
+
+
 def model_input(x: torch.Tensor) -> torch.Tensor:
     """What the model is given: uint8 pixels as floats in [0, 1], any other values as float32."""
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
@@ -112,7 +122,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.ids: dict[str, list[str]] = {}  # a name per sample (file, line) where a split has one
         self.mean = self.std = None  # of the training split's model inputs, per channel or feature
         self.trained = None  # the checkpoint's model settings, for test/predict (use_trained)
-        self.labelled = (None, 1.0, 0)  # set by limit_training
+        self.training_subset = TrainingSubset()  # set by limit_training
         self.shuffle_seed, self.resume_at, self.restored_seed = None, {}, None  # see state_dict
 
     def limit_training(self, samples_per_class: int | None, train_fraction: float, seed: int) -> None:
@@ -121,13 +131,13 @@ class InMemoryDataModule(L.LightningDataModule):
             raise UserError(f"samples_per_class={samples_per_class} must be at least 1 (or null: all samples)")
         if not 0 < train_fraction <= 1:
             raise UserError(f"train_fraction={train_fraction} must be in (0, 1]; 1 keeps every training sample")
-        self.labelled = (samples_per_class, train_fraction, seed)
+        self.training_subset = TrainingSubset(samples_per_class, train_fraction, seed)
 
     def set_splits(self, train, val, test) -> None:
         """Store the splits and the per-channel (per-feature) statistics of the training inputs."""
-        samples_per_class, fraction, seed = self.labelled
-        if samples_per_class is not None or fraction < 1:
-            index = labelled_subset(train[1], samples_per_class, fraction, seed, self.class_names)
+        subset = self.training_subset
+        if subset.samples_per_class is not None or subset.fraction < 1:
+            index = labelled_subset(train[1], *subset, self.class_names)
             train = (train[0][index], train[1][index])
         self.splits = {"train": train, "val": val, "test": test}
         x = model_input(train[0])
@@ -159,7 +169,7 @@ class InMemoryDataModule(L.LightningDataModule):
             # Its own generator: making a loader then draws nothing from the global one, which
             # dropout uses, so a resumed run's random numbers match an uninterrupted run's.
             generator=torch.Generator().manual_seed(0),
-            collate_fn=keep_batch,
+            collate_fn=already_stacked,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

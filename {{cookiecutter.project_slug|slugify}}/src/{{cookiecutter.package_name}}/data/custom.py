@@ -29,7 +29,7 @@ def sort_classes(names) -> list[str]:
     return sorted(names, key=int if numeric else str)
 
 
-class _ReadOnce(InMemoryDataModule):
+class FileDataModule(InMemoryDataModule):
     """Reads all samples on first use (`samples`), then splits them in `setup`.
 
     A subclass defines `read()`, returning ({split: (x, label names, sample ids)}, location),
@@ -92,7 +92,7 @@ class _ReadOnce(InMemoryDataModule):
         self.ids.update({s: ids[s] for s in ("val", "test") if s not in missing})
 
 
-class CSVDataModule(_ReadOnce):
+class CSVDataModule(FileDataModule):
     """Rows of numeric features with a label column (labels may be strings).
 
     Args:
@@ -212,7 +212,7 @@ class CSVDataModule(_ReadOnce):
         return value
 
 
-class ImageFolderDataModule(_ReadOnce):
+class ImageFolderDataModule(FileDataModule):
     """Images in one sub-folder per class: `root/<class>/*.png` (or .jpg, ...).
 
     Args:

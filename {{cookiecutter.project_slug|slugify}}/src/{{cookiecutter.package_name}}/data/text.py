@@ -17,12 +17,12 @@ import torch
 
 from ..errors import UserError
 from ..pretrained import load_tokenizer
-from .custom import SPLITS, _ReadOnce
+from .custom import SPLITS, FileDataModule
 
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}  # None: one JSON object per line
 
 
-class TextDataModule(_ReadOnce):
+class TextDataModule(FileDataModule):
     """Texts with a label each, in CSV (.csv), TSV (.tsv) or JSON Lines (.jsonl) files.
 
     Args:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from ..errors import UserError, say
+from ..errors import UserError, rank_zero_print
 from .finetune import add_lora, is_adapter, load_init_weights, merge_lora
 from .metrics import ClassificationScores
 from .nets import Normalize, build_backbone, example_batch
@@ -152,7 +152,7 @@ class Classifier(L.LightningModule):
         self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
         self._apply_freezing(self.current_epoch)
         if self.hparams.freeze_backbone and self.current_epoch == self.hparams.unfreeze_at_epoch:
-            say(f"Epoch {self.current_epoch}: backbone unfrozen. {self._trainable()}")
+            rank_zero_print(f"Epoch {self.current_epoch}: backbone unfrozen. {self._trainable()}")
 
     def on_train_start(self):
         # A run resumed mid-epoch (fit --ckpt_path=...) starts without on_train_epoch_start.
@@ -272,9 +272,9 @@ class Classifier(L.LightningModule):
         if result is not None and self.trainer.ckpt_path is None:  # not resuming
             if isinstance(result, UserError):
                 raise result
-            say(result)
+            rank_zero_print(result)
         self._apply_freezing(self.current_epoch, modes=False)  # modes: at each epoch's start
-        say(self._trainable())
+        rank_zero_print(self._trainable())
 
     def on_predict_start(self) -> None:
         if self.hparams.lora_rank:

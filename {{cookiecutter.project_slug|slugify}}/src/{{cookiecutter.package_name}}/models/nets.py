@@ -106,11 +106,11 @@ class ViT(nn.Module):
                 f"backbone 'vit' needs images (channels, height, width) but the data gives "
                 f"samples of shape {tuple(input_shape)}; use --model.backbone=mlp"
             )
-        channels, height, wide = input_shape
-        if height % patch_size or wide % patch_size:
-            fits = [p for p in range(2, min(height, wide) + 1) if height % p == 0 and wide % p == 0]
+        channels, rows, columns = input_shape
+        if rows % patch_size or columns % patch_size:
+            fits = [p for p in range(2, min(rows, columns) + 1) if rows % p == 0 and columns % p == 0]
             raise UserError(
-                f"backbone 'vit': images of {height}x{wide} pixels do not divide into {patch_size}x{patch_size} "
+                f"backbone 'vit': images of {rows}x{columns} pixels do not divide into {patch_size}x{patch_size} "
                 f"patches; set --model.patch_size to one of {fits or [1]}"
             )
         if width % heads:
@@ -120,7 +120,7 @@ class ViT(nn.Module):
             )
         super().__init__()
         self.patches = nn.Conv2d(channels, width, patch_size, stride=patch_size)  # one token per patch
-        tokens = (height // patch_size) * (wide // patch_size)
+        tokens = (rows // patch_size) * (columns // patch_size)
         self.position = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
         self.blocks = nn.Sequential(*(Block(width, heads, dropout) for _ in range(depth)))
         self.norm = nn.LayerNorm(width)

@@ -1,0 +1,23 @@
+"""The only names from other libraries' private modules that this project uses, and why.
+
+Each one has no public equivalent today. They live here so that an upgrade that moves one breaks
+in one place, and tests/test_internals.py fails with the name that changed.
+"""
+
+# quiet.py silences one deprecation warning that Lightning 2.6 raises from this module on every
+# run; a warnings filter can only name the module that raises it.
+LIGHTNING_PYTREE = "lightning.pytorch.utilities._pytree"
+
+# export.py lowers this logger while exporting to ONNX: it prints "torchvision is not installed"
+# on every export, a line about a package this project deliberately does not use.
+ONNX_REGISTRATION = "torch.onnx._internal.exporter._registration"
+
+
+def tensorboard_file_writer(logger):
+    """The event-file writer of a Lightning `TensorBoardLogger`.
+
+    callbacks.py writes the run's HPARAMS record (the metric names the tab shows) before Lightning
+    writes its own; `SummaryWriter` only exposes `add_hparams`, which opens a second run folder.
+    `file_writer` is set by `SummaryWriter.__init__` but is not documented.
+    """
+    return logger.experiment.file_writer
