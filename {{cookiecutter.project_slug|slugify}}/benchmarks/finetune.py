@@ -117,7 +117,7 @@ def main():
     print(f"pretrained checkpoint: {pretrained}", flush=True)
 
     target = [*dataset(args.target), f"--data.samples_per_class={args.samples_per_class}"]
-    init = [f"--model.init_from={pretrained}"]
+    init = ["--model.class_path={{ cookiecutter.package_name }}.models.FineTuner", f"--model.init_from={pretrained}"]
     unfreeze = args.unfreeze_at if args.unfreeze_at is not None else max(1, args.epochs // 4)
     rows = {
         "(a) from scratch": [],

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, SMALL, run_cli, write_dataset
 
 from {{ cookiecutter.package_name }} import export
-from {{ cookiecutter.package_name }}.models import Classifier
+from {{ cookiecutter.package_name }}.models import Classifier, FineTuner
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore::DeprecationWarning")
 
@@ -109,13 +109,16 @@ def current_umask() -> int:
 def test_lora_adapters_are_merged_into_the_export(tmp_path):
     """A ViT with trained (non-zero) LoRA adapters: the exported file has plain Linear layers and the same outputs."""
     torch.manual_seed(0)
-    model = Classifier(backbone="vit", width=32, depth=1, heads=2, lora_rank=2).eval()
+    model = FineTuner(backbone="vit", width=32, depth=1, heads=2, lora_rank=2).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_b"):
                 p.normal_(0, 0.5)
     ckpt = tmp_path / "lora.ckpt"
-    state = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    # what LightningCLI writes: the class to rebuild, so loading gives a FineTuner with its adapters
+    hparams = {**model.hparams, "_class_path": "{{ cookiecutter.package_name }}.models.FineTuner",
+               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    state = {"state_dict": model.state_dict(), "hyper_parameters": hparams}
     torch.save({**state, "pytorch-lightning_version": lightning.__version__}, ckpt)
 
     assert export.main(["--ckpt_path", str(ckpt)]) == 0

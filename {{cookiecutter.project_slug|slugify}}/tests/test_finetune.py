@@ -14,12 +14,13 @@ from torch import nn
 from {{ cookiecutter.package_name }}.cli import run
 from {{ cookiecutter.package_name }}.data import CSVDataModule, MNISTDataModule
 from {{ cookiecutter.package_name }}.errors import UserError
-from {{ cookiecutter.package_name }}.models import Classifier
+from {{ cookiecutter.package_name }}.models import FineTuner
 from {{ cookiecutter.package_name }}.models.finetune import LoRALinear, merge_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 MLP = ["--model.width=32"]  # the pretrained checkpoint's backbone: mlp 784-32-32
+TUNE = ["--model.class_path={{ cookiecutter.package_name }}.models.FineTuner"]  # the fine-tuning model, as configs/finetune*.yaml pick it
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
 CHECKPOINTS = Path("logs") / "digits_mlp" / "version_0" / "checkpoints"
 
@@ -90,7 +91,7 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def test_init_from_same_classes_loads_backbone_and_head(workdir, pretrained, capsys):
-    cli = run(["fit", *SMALL, *MLP, f"--model.init_from={pretrained}", "--trainer.max_steps=0"])
+    cli = run(["fit", *SMALL, *TUNE, *MLP, f"--model.init_from={pretrained}", "--trainer.max_steps=0"])
     expected = backbone_and_head(weights(pretrained))
     assert len(expected) == 6  # two hidden layers and the head, weight and bias each
     got = cli.model.state_dict()
@@ -109,7 +110,7 @@ def test_init_from_same_classes_loads_backbone_and_head(workdir, pretrained, cap
 def test_init_from_other_classes_keeps_backbone_and_starts_a_fresh_head(
     workdir, pretrained, capsys, data, classes, why
 ):
-    cli = run(["fit", *SMALL, *MLP, *data, f"--model.init_from={pretrained}", "--trainer.max_steps=0"])
+    cli = run(["fit", *SMALL, *TUNE, *MLP, *data, f"--model.init_from={pretrained}", "--trainer.max_steps=0"])
     theirs, ours = weights(pretrained), cli.model.state_dict()
     backbone = {k: v for k, v in theirs.items() if k.startswith("backbone.")}
     assert backbone and not changed(backbone, ours)
@@ -123,7 +124,7 @@ def test_init_from_other_classes_keeps_backbone_and_starts_a_fresh_head(
 def test_fine_tuned_checkpoint_needs_no_init_from_file(workdir, pretrained):
     """test/resume from a fine-tuned run's checkpoint, after its init_from file is gone."""
     shutil.copy(pretrained, "pre.ckpt")
-    run(["fit", *SMALL, *SHORT, *MLP, "--model.init_from=pre.ckpt", "--model.lora_rank=2"])
+    run(["fit", *SMALL, *SHORT, *TUNE, *MLP, "--model.init_from=pre.ckpt", "--model.lora_rank=2"])
     Path("pre.ckpt").unlink()
     tuned = CHECKPOINTS / "last.ckpt"
     tested = run(["test", *SMALL, f"--ckpt_path={tuned}"])
@@ -172,7 +173,7 @@ def test_unusable_init_from_is_one_error_line(workdir, pretrained, capsys, make,
     path = make(workdir) if make else str(pretrained)
     width = "--model.width=16" if make is None else "--model.width=32"
     with pytest.raises(SystemExit) as exit_:
-        run_cli("fit", *SMALL, *SHORT, width, f"--model.init_from={path}")
+        run_cli("fit", *SMALL, *SHORT, *TUNE, width, f"--model.init_from={path}")
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("ERROR:")]
@@ -186,7 +187,7 @@ def test_unusable_init_from_is_one_error_line(workdir, pretrained, capsys, make,
 
 
 def test_frozen_backbone_stays_unchanged_then_trains_after_the_unfreeze_epoch(workdir, capsys):
-    model = Classifier(backbone="cnn", width=4, depth=1, freeze_backbone=True, unfreeze_at_epoch=1)
+    model = FineTuner(backbone="cnn", width=4, depth=1, freeze_backbone=True, unfreeze_at_epoch=1)
     snaps = Snapshots()
     trainer(snaps, epochs=2).fit(model, small_data())
     start, first, second = snaps.states["start"], snaps.states[0], snaps.states[1]
@@ -206,7 +207,7 @@ def test_frozen_backbone_stays_unchanged_then_trains_after_the_unfreeze_epoch(wo
 
 
 def test_backbone_frozen_for_good_without_unfreeze_epoch(workdir):
-    model = Classifier(width=16, freeze_backbone=True)
+    model = FineTuner(width=16, freeze_backbone=True)
     snaps = Snapshots()
     trainer(snaps, epochs=2, batches=2).fit(model, small_data())
     backbone = {k for k in snaps.states["start"] if k.startswith("backbone.")}
@@ -225,7 +226,7 @@ class LearningRates(L.Callback):
 
 
 def test_learning_rate_per_parameter_group(workdir):
-    model = Classifier(width=16, lr=0.01, backbone_lr_scale=0.1, warmup_steps=2, lora_rank=2)
+    model = FineTuner(width=16, lr=0.01, backbone_lr_scale=0.1, warmup_steps=2, lora_rank=2)
     rates = LearningRates()
     trainer(rates, batches=4).fit(model, small_data())
     (opt,) = model.trainer.optimizers
@@ -241,7 +242,7 @@ def test_learning_rate_per_parameter_group(workdir):
 
 
 def test_one_parameter_group_by_default(workdir):
-    model = Classifier(width=16)
+    model = FineTuner(width=16)
     trainer(batches=1).fit(model, small_data())
     (opt,) = model.trainer.optimizers
     assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
@@ -251,7 +252,7 @@ def test_one_parameter_group_by_default(workdir):
 
 
 def test_lora_trains_only_adapters_and_head(workdir, capsys):
-    model = Classifier(width=32, lora_rank=4, lora_alpha=8)
+    model = FineTuner(width=32, lora_rank=4, lora_alpha=8)
     wrapped = [m for m in model.backbone.modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == 2 and all(m.scale == 2.0 for m in wrapped)
     snaps = Snapshots()
@@ -272,7 +273,7 @@ def test_lora_trains_only_adapters_and_head(workdir, capsys):
 )
 def test_merged_lora_gives_the_same_outputs(options, layers):
     torch.manual_seed(0)
-    model = Classifier(lora_rank=3, **options).eval()
+    model = FineTuner(lora_rank=3, **options).eval()
     wrapped = [m for m in model.backbone.modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == layers  # the vit: the two MLP layers of each block, not the attention's
     for m in wrapped:
@@ -283,21 +284,21 @@ def test_merged_lora_gives_the_same_outputs(options, layers):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert not any("lora_" in k for k in model.state_dict())
     assert torch.allclose(model(x), before, atol=1e-5)
-    assert not torch.allclose(model(x), Classifier(**options).eval()(x), atol=1e-3)
+    assert not torch.allclose(model(x), FineTuner(**options).eval()(x), atol=1e-3)
 
 
 def test_lora_on_a_cnn_is_an_error():
     with pytest.raises(UserError, match="backbone 'cnn' has no Linear layers"):
-        Classifier(backbone="cnn", lora_rank=4)
+        FineTuner(backbone="cnn", lora_rank=4)
 
 
 def test_predict_from_a_lora_checkpoint_uses_merged_weights(workdir, pretrained):
-    run(["fit", *SMALL, *SHORT, *MLP, f"--model.init_from={pretrained}", "--model.lora_rank=4"])
+    run(["fit", *SMALL, *SHORT, *TUNE, *MLP, f"--model.init_from={pretrained}", "--model.lora_rank=4"])
     tuned = CHECKPOINTS / "last.ckpt"
     assert any(k.endswith("lora_b") for k in weights(tuned))
     cli = run(["predict", *SMALL, f"--ckpt_path={tuned}"])
     assert not any(isinstance(m, LoRALinear) for m in cli.model.modules())
-    unmerged = Classifier.load_from_checkpoint(tuned, weights_only=True).eval()
+    unmerged = FineTuner.load_from_checkpoint(tuned, weights_only=True).eval()
     x, _ = cli.datamodule.on_after_batch_transfer(next(iter(cli.datamodule.predict_dataloader())), 0)
     first = cli.trainer.predict_loop.predictions[0]
     assert torch.allclose(first, unmerged(x).softmax(-1), atol=1e-5)
@@ -402,7 +403,7 @@ def test_finetune_configs_for_your_own_data(workdir, capsys, pretrain, finetune,
 
 def test_unfreezing_is_refused_with_more_than_one_process():
     """DDP fixes the set of trained parameters when it wraps the model: unfreezing later would not train."""
-    model = Classifier(width=16, freeze_backbone=True, unfreeze_at_epoch=1)
+    model = FineTuner(width=16, freeze_backbone=True, unfreeze_at_epoch=1)
     model.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False)
     assert model.trainer.world_size == 2
     with pytest.raises(UserError, match="unfreeze_at_epoch with more than one process.*--model.freeze_backbone=false"):

@@ -135,3 +135,24 @@ def test_readme_train_py_command_parses(workdir, capsys, args):
 def test_train_py_commands_are_found():
     subcommands = {args[0] for args in train_py_commands() if args}
     assert {"fit", "test", "predict"} <= subcommands, subcommands
+
+
+def layout(text: str) -> dict[str, int]:
+    """The README's Layout block: `path  lines  what it is`, one file per line."""
+    block = text.split("## Layout", 1)[-1] if "## Layout" in text else text.split("## 目录结构", 1)[1]
+    rows = re.findall(r"^(\S+)\s+(\d+)\s", FENCE.search(block).group(1), flags=re.M)
+    return {path: int(count) for path, count in rows}
+
+
+def test_layout_gives_every_source_file_and_its_line_count():
+    """What a sitting costs: every Python file of the project's code with its true length, in both READMEs."""
+    english, chinese = (layout((ROOT / name).read_text(encoding="utf-8")) for name in READMES)
+    assert english == chinese
+    code = {p.relative_to(ROOT).as_posix() for p in (ROOT / "src").rglob("*.py")} | {"train.py", "my_network.py"}
+    assert code <= set(english), f"files missing from the Layout: {sorted(code - set(english))}"
+    wrong = {
+        path: (count, len((ROOT / path).read_text(encoding="utf-8").splitlines()))
+        for path, count in english.items()
+        if len((ROOT / path).read_text(encoding="utf-8").splitlines()) != count
+    }
+    assert wrong == {}, f"(README, actual) line counts: {wrong}"

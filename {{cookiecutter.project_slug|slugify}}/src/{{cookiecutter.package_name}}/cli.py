@@ -12,9 +12,8 @@ line at the start of `fit` with the effective batch size and the precision.
 """
 
 import os
-import pickle
 import sys
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
 from .data.batches import InMemoryDataModule
-from .errors import UserError, checkpoint_error, first_line, rank_zero_print
+from .errors import UserError, print_error, rank_zero_print, read_checkpoint, weights_mismatch
 from .models import Classifier
 from .quiet import quiet
 
@@ -164,8 +163,17 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+@dataclass
+class JoinedRun:
+    """The run an evaluation of its checkpoint is logged into, and that evaluation's earlier event files."""
+
+    folder: Path
+    subcommand: str
+    earlier_results: set[Path]
+
+
 class CLI(LightningCLI):
-    joined = None  # (run folder, subcommand, that subcommand's earlier event files) when an evaluation joins a run
+    joined: JoinedRun | None = None  # when an evaluation joins a run
 
     def add_arguments_to_parser(self, parser) -> None:
         self.trained = None  # test/predict from a checkpoint: its model's settings (before_instantiate_classes)
@@ -179,20 +187,20 @@ class CLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         # Lightning's default bar (Rich when installed) redraws on every step, which costs
         # about as much as a small model's step; this one redraws every 20 steps.
-        config = self._get(self.config_init, "trainer", default={})
-        callbacks = config.get("callbacks") or []
+        config = self.config_init[self.subcommand].trainer
+        callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            config["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=20)]
+            callbacks.append(TQDMProgressBar(refresh_rate=20))
         # Checkpoints are written to a temporary file and renamed: a kill never leaves half a file.
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         # Lightning's model summary, without the metrics' rows; Lightning then adds none of its own.
         if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
-            config["callbacks"] = [*(config.get("callbacks") or []), LayerTable()]
-            config["enable_model_summary"] = False
-        return super().instantiate_trainer(**kwargs)
+            callbacks.append(LayerTable())
+            kwargs["enable_model_summary"] = False
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def _from_data(self, name: str):
         """The link's value: the data's `name`, once the data knows the checkpoint's settings (if any)."""
@@ -209,20 +217,24 @@ class CLI(LightningCLI):
         setup_hardware(config.trainer)
         if is_text_model(config.model):
             prepare_text_run(config)
-        path = config.get("ckpt_path")
-        if self.subcommand != "fit" and path:  # already checked and read once by _parse_ckpt_path
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            self.trained = dict(checkpoint.get("hyper_parameters") or {})
+        if self.subcommand == "fit" and config.get("ckpt_path") and config.model.init_args.get("init_from"):
+            # A resumed fit takes every weight from its checkpoint: the model's init_from (from the
+            # checkpoint's settings) is not read, and its file may be gone.
+            config.model.init_args.init_from = None
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         if sub and self.config[sub].get("ckpt_path"):
-            self._resolve_ckpt_path(sub, self.config[sub])
+            self.resolve_ckpt_path(sub, self.config[sub])
+        if sub and self.config[sub].get("ckpt_path"):
+            # Read once here for a clear error (Lightning then reads the model settings from it).
+            checkpoint = read_checkpoint(self.config[sub].ckpt_path, f"--ckpt_path={self.config[sub].ckpt_path}")
             if sub in EVALUATIONS:
-                self._join_run(sub, self.config[sub])
+                self.trained = dict(checkpoint.get("hyper_parameters") or {})
+                self.join_run(sub, self.config[sub])
 
-    def _join_run(self, sub: str, config) -> None:
+    def join_run(self, sub: str, config) -> None:
         """Log an evaluation of a run's checkpoint into that run (logs/<name>/version_N), as TensorBoard
         shows it: its metrics on the run's charts and in the run's HPARAMS row.
 
@@ -239,18 +251,18 @@ class CLI(LightningCLI):
         init.save_dir, init.name, init.version = str(run.parent.parent), run.parent.name, run.name
         init.default_hp_metric = False  # the run has its HPARAMS record and hp_metric already
         logger.dict_kwargs = {**(logger.get("dict_kwargs") or {}), "filename_suffix": f".{sub}"}
-        self.joined = (run, sub, set(run.glob(f"events.out.tfevents.*.{sub}")))
+        self.joined = JoinedRun(run, sub, set(run.glob(f"events.out.tfevents.*.{sub}")))
         rank_zero_print(f"Results are added to the checkpoint's run, {run}")
 
     def _replace_earlier_results(self) -> None:
         if self.joined is not None and self.trainer.is_global_zero:
-            for path in self.joined[2]:
+            for path in self.joined.earlier_results:
                 path.unlink(missing_ok=True)
 
     # LightningCLI calls these after the subcommand has finished without an error.
     after_validate = after_test = after_predict = _replace_earlier_results
 
-    def _resolve_ckpt_path(self, sub: str, config) -> None:
+    def resolve_ckpt_path(self, sub: str, config) -> None:
         """Turn 'best'/'last' into a file of this run's logs; check that the file exists."""
         given = config.ckpt_path
         logger = config.trainer.get("logger")
@@ -273,18 +285,6 @@ class CLI(LightningCLI):
                 init.version = path.parent.parent.name  # resume in the same log folder
             rank_zero_print(f"Using checkpoint {path}")
             config.ckpt_path = str(path)
-        elif not Path(given).is_file():
-            raise UserError(
-                f"--ckpt_path={given}: file not found (give a .ckpt file written by `fit`, "
-                "e.g. logs/<run>/version_0/checkpoints/last.ckpt, or 'best' / 'last')"
-            )
-
-    def _parse_ckpt_path(self) -> None:
-        path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-            raise checkpoint_error(path, path, err) from None
 
 
 def run(args=None, callbacks=()) -> CLI:
@@ -317,8 +317,8 @@ def explain(err: BaseException | None) -> str | None:
     while err is not None:
         if isinstance(err, UserError):
             return str(err)
-        if isinstance(err, RuntimeError) and "loading state_dict" in str(err):
-            detail = first_line(str(err).split("\n", 1)[-1].strip())
+        if weights_mismatch(err):
+            detail = weights_mismatch(err)
             return f"the checkpoint does not fit this model ({detail}); use one trained with the same backbone"
         err = err.__cause__
     return None
@@ -332,5 +332,4 @@ def main(args=None) -> None:
         message = None if os.environ.get(DEBUG) else explain(err)
         if message is None:
             raise
-        print(f"ERROR: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(print_error(message))

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from .errors import print_error
+
 # PyTorch's CUDA wheel indexes (https://download.pytorch.org/whl/cu<XYZ>), oldest first: the same
 # choice as the README's install table. Each PyTorch release is published for a few of them (2.5:
 # cu118/cu121/cu124; 2.9: cu126/cu128/cu130) and pip takes the newest release an index holds. Add new
@@ -459,8 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             why = "PyTorch sees no GPU (torch.cuda.is_available() is False, no NVIDIA driver found, no Apple MPS)"
             fix = "run on a machine with a GPU, or train on the CPU without --require-gpu (configs/trainer/cpu.yaml)"
-        print(f"ERROR: --require-gpu: no usable GPU: {why}. Fix: {fix}", file=sys.stderr)
-        return 1
+        return print_error(f"--require-gpu: no usable GPU: {why}. Fix: {fix}")
     return 0
 
 

@@ -1,13 +1,14 @@
 """What the user is told: mistakes they can fix, and lines printed once per run.
 
-Every module may import this one; it imports nothing of the package.
+Every module may import this one; it imports nothing of the package, and Lightning and torch only
+when a function needs them (the doctor runs where they may be broken).
 """
 
 import pickle
+import sys
 import textwrap
 import zipfile
-
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -18,10 +19,12 @@ class UserError(Exception):
     """
 
 
-@rank_zero_only
 def rank_zero_print(message: str) -> None:
     """Print from the first process only: multi-GPU and multi-node runs start one process per device."""
-    print(message, flush=True)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(message, flush=True)
 
 
 def first_line(err: object) -> str:
@@ -46,3 +49,66 @@ def checkpoint_error(what: str, path, err: BaseException) -> UserError:
     return UserError(
         f"{what}: not a readable checkpoint ({first_line(err)}); it may be truncated: use another .ckpt file"
     )
+
+
+# What torch.load raises for a file that is not a whole checkpoint (truncated, not a zip, not torch.save's).
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError)
+GIVE_A_CHECKPOINT = "give a .ckpt file written by `fit`, e.g. logs/<run>/version_0/checkpoints/best.ckpt"
+
+
+def read_checkpoint(path, what: str) -> dict:
+    """The checkpoint at `path`, read safely (weights_only=True) on the CPU; `what` names it in errors
+    (the option that gave it, e.g. '--ckpt_path=x.ckpt')."""
+    import torch
+
+    if not Path(path).is_file():
+        raise UserError(f"{what}: file not found ({GIVE_A_CHECKPOINT}, or 'best' / 'last')")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except UNREADABLE as err:
+        raise checkpoint_error(what, path, err) from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{what}: holds no model weights (no 'state_dict'); {GIVE_A_CHECKPOINT}")
+    hparams = checkpoint.get("hyper_parameters")
+    check_class_paths(hparams if isinstance(hparams, dict) else {}, what)
+    return checkpoint
+
+
+def weights_mismatch(err: BaseException) -> str | None:
+    """The first line of a `load_state_dict` error (missing, unexpected or mis-shaped weights), else None."""
+    if isinstance(err, RuntimeError) and "loading state_dict" in str(err):
+        return first_line(str(err).split("\n", 1)[-1].strip())
+    return None
+
+
+def print_error(message: object) -> int:
+    """Print the one `ERROR:` line of a user mistake to stderr; returns the exit code, 1."""
+    print(f"ERROR: {message}", file=sys.stderr)
+    return 1
+
+
+def own_folders() -> list[Path]:
+    """Where the user's own code lives: the current folder and the project's (the one with train.py)."""
+    project = Path(__file__).resolve().parents[2]
+    return [Path.cwd().resolve(), *([project] if (project / "train.py").is_file() else [])]
+
+
+def check_class_paths(hparams: dict, what: str) -> None:
+    """Refuse a checkpoint whose settings name a class (e.g. `network: {class_path: ...}`) from a module
+    that is neither imported already nor a file under the current folder: building the model would
+    import it, and running code is what safe loading (weights_only=True) is there to prevent."""
+    import importlib.util
+
+    for key, value in hparams.items():
+        if isinstance(value, dict):
+            check_class_paths(value, what)
+        if key not in ("class_path", "_class_path") or not isinstance(value, str):
+            continue
+        top = value.split(".")[0]
+        spec = None if top in sys.modules else importlib.util.find_spec(top)
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if top not in sys.modules and not any(origin and origin.is_relative_to(root) for root in own_folders()):
+            raise UserError(
+                f"{what}: its settings name the class {value}, which is neither imported nor in a module under "
+                f"this folder; refused (building the model would run its code). Run from the folder that defines it"
+            )

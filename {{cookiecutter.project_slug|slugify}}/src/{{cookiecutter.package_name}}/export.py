@@ -26,17 +26,15 @@ import importlib.util
 import json
 import logging
 import os
-import pickle
 import sys
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import UserError, checkpoint_error, first_line
+from .errors import UserError, checkpoint_error, print_error, read_checkpoint, weights_mismatch
 from .internals import ONNX_REGISTRATION
 
 FORMATS = {"exported_program": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
@@ -45,38 +43,41 @@ ONNX_EXTRA = "pip install -e '.[onnx]'"
 
 def resolve_checkpoint(given: str, log_dir: Path) -> Path:
     """`given` as a path; 'best' / 'last': the newest such checkpoint of any run under `log_dir`."""
-    if given in ("best", "last"):
-        from .cli import newest_checkpoint
+    if given not in ("best", "last"):
+        return Path(given)  # load_model checks it
+    from .cli import newest_checkpoint
 
-        path = newest_checkpoint(log_dir, given, version="*/*")  # any run name, any version
-        if path is None:
-            raise UserError(
-                f"--ckpt_path={given}: no {given} checkpoint under {log_dir}/*/*/checkpoints "
-                "(train first with `python train.py fit`, give --log_dir, or give a .ckpt path)"
-            )
-        print(f"Using checkpoint {path}")
-        return path
-    path = Path(given)
-    if not path.is_file():
+    path = newest_checkpoint(log_dir, given, version="*/*")  # any run name, any version
+    if path is None:
         raise UserError(
-            f"--ckpt_path={given}: file not found (give a .ckpt file written by `fit`, "
-            "e.g. logs/<run>/version_0/checkpoints/best.ckpt, or 'best' / 'last')"
+            f"--ckpt_path={given}: no {given} checkpoint under {log_dir}/*/*/checkpoints "
+            "(train first with `python train.py fit`, give --log_dir, or give a .ckpt path)"
         )
+    print(f"Using checkpoint {path}")
     return path
 
 
-def load_classifier(path: Path):
-    """The Classifier of checkpoint `path`, on the CPU, in eval mode (loaded with weights_only=True)."""
-    from .models import Classifier
+def saved_class(checkpoint: dict, base: type) -> type:
+    """The class LightningCLI saved in the checkpoint (`_class_path`, e.g. a FineTuner) when it is an
+    imported subclass of `base`, else `base`. `base.load_from_checkpoint` alone would build a `base`:
+    Lightning drops `_class_path` for classes whose __init__ takes no **kwargs."""
+    module, _, name = str(checkpoint.get("hyper_parameters", {}).get("_class_path", "")).rpartition(".")
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) and issubclass(found, base) else base
 
+
+def load_model(cls, path: Path, **kwargs):
+    """The model (a `cls`) of checkpoint `path`, on the CPU, in eval mode (loaded with weights_only=True)."""
+    checkpoint = read_checkpoint(path, f"--ckpt_path={path}")  # one clear error for a missing, truncated or unsafe file
+    cls = saved_class(checkpoint, cls)
     try:
-        model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True, compile=False)
-    except RuntimeError as err:
-        if "loading state_dict" in str(err):
-            detail = first_line(str(err).split("\n", 1)[-1])
+        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as err:
+        if weights_mismatch(err):
+            detail = weights_mismatch(err)
             raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
-        raise checkpoint_error(path, path, err) from None
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError) as err:
+        if isinstance(err, UserError):
+            raise
         raise checkpoint_error(path, path, err) from None
     return model.eval()
 
@@ -200,7 +201,9 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
 
     if is_text_checkpoint(checkpoint):  # a TextClassifier: two inputs, and its tokenizer beside the file
         return export_text(checkpoint, fmt, Path(output or checkpoint.with_suffix(FORMATS[fmt])), batch_size, tolerance)
-    model = load_classifier(checkpoint)
+    from .models import Classifier
+
+    model = load_model(Classifier, checkpoint, compile=False)
     net = inference_network(model)
     shape = tuple(model.hparams.get("input_shape") or (1, 28, 28))
     out = Path(output) if output else checkpoint.with_suffix(FORMATS[fmt])
@@ -280,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.ckpt_path, args.format, args.output, args.batch_size, args.tolerance, args.log_dir)
     except UserError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 1
+        return print_error(err)
     return 0
 
 

@@ -16,16 +16,14 @@ tolerance writes nothing.
 """
 
 import os
-import pickle
 import shutil
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
 
-from .errors import UserError, checkpoint_error, first_line
+from .errors import UserError
 
 INPUTS = ("input_ids", "attention_mask")
 
@@ -42,18 +40,10 @@ def is_text_checkpoint(path: Path) -> bool:
 def load_text_model(path: Path):
     """The TextClassifier of checkpoint `path`, on the CPU, in eval mode: rebuilt from the base
     model's folder (`model_name_or_path`), then given the checkpoint's weights."""
+    from .export import load_model
     from .models import TextClassifier
 
-    try:
-        model = TextClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except RuntimeError as err:
-        if "loading state_dict" in str(err):
-            detail = first_line(str(err).split("\n", 1)[-1])
-            raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
-        raise checkpoint_error(path, path, err) from None
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, KeyError, TypeError) as err:
-        raise checkpoint_error(path, path, err) from None
-    return model.eval()
+    return load_model(TextClassifier, path)
 
 
 def random_batches(vocab: int, batch_size: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -10,7 +10,7 @@ download that `fit` does, so a file that is already there is not fetched again.
 import argparse
 import sys
 
-from ..errors import UserError
+from ..errors import UserError, print_error
 from .mnist import DATASETS, FILES, MNISTDataModule
 
 NAMES = [name for name, info in DATASETS.items() if "embedded" not in info]
@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             data.prepare_data()
         except UserError as err:
-            print(f"ERROR: {err}", file=sys.stderr)
-            return 1
+            return print_error(err)
         print(f"{name}: ready in {data.folder_of(FILES[0])}")
     return 0
 

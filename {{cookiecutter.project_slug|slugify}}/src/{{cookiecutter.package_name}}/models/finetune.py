@@ -1,4 +1,4 @@
-"""Fine-tuning: start from another run's weights, and LoRA adapters.
+"""Fine-tuning: `FineTuner` starts from another run's weights, freezes, unfreezes, adds LoRA adapters.
 
 `read_weights` + `load_init_weights` implement `--model.init_from=path.ckpt`: the
 checkpoint is read with `torch.load(weights_only=True)`; the backbone must match this
@@ -15,15 +15,13 @@ layers. `merge_lora` folds the adapters back into plain `nn.Linear` layers (W + 
 for prediction and export.
 """
 
-import pickle
 import textwrap
-import zipfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import UserError, checkpoint_error
+from ..errors import GIVE_A_CHECKPOINT, UserError, rank_zero_print, read_checkpoint
+from .classifier import Classifier
 
 ADAPTER_KEYS = ("lora_a", "lora_b", "scale")
 
@@ -112,20 +110,11 @@ def merge_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors of a checkpoint written by `fit` (adapters merged) and its hyperparameters."""
-    if not Path(path).is_file():
-        raise UserError(
-            f"--model.init_from={path}: file not found (give a .ckpt file written by `fit`, "
-            "e.g. logs/<run>/version_0/checkpoints/best.ckpt)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise checkpoint_error(f"--model.init_from={path}", path, err) from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    checkpoint = read_checkpoint(path, f"--model.init_from={path}")
+    state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(
-            f"--model.init_from={path}: holds no model weights (no 'state_dict' of tensors); "
-            "give a .ckpt file written by `fit`"
+            f"--model.init_from={path}: holds no model weights (no 'state_dict' of tensors); {GIVE_A_CHECKPOINT}"
         )
     hparams = checkpoint.get("hyper_parameters") or {}
     return merge_state_dict(state), hparams if isinstance(hparams, dict) else {}
@@ -187,3 +176,123 @@ def load_init_weights(model: nn.Module, path: str) -> str:
 
 def _names(names) -> str:
     return textwrap.shorten(", ".join(map(str, names)), 60, placeholder=" ...")
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class FineTuner(Classifier):
+    """A Classifier that starts from a trained checkpoint (configs/finetune*.yaml).
+
+    Args:
+        init_from: a checkpoint written by `fit` (README, Fine-tune on your data): its backbone must
+            match; its head is used when the classes are the same, else the head starts fresh.
+        freeze_backbone: train only the head (and LoRA adapters are frozen too).
+        unfreeze_at_epoch: with freeze_backbone, the epoch (0-based) from which the backbone trains
+            too, at lr x backbone_lr_scale; null: frozen for the whole run.
+        backbone_lr_scale: the backbone's learning rate is lr x this (e.g. 0.1); the head and LoRA
+            adapters train at lr.
+        lora_rank: rank of LoRA adapters on the backbone's Linear layers; only the adapters and the
+            head train. 0: no adapters.
+        lora_alpha: the adapters' output is scaled by lora_alpha / lora_rank.
+        **kwargs: the Classifier's arguments.
+    """
+
+    def __init__(
+        self,
+        init_from: str | None = None, freeze_backbone: bool = False, unfreeze_at_epoch: int | None = None,
+        backbone_lr_scale: float = 1.0, lora_rank: int = 0, lora_alpha: float = 16.0, **kwargs,
+    ):  # fmt: skip
+        if backbone_lr_scale <= 0 or lora_rank < 0 or (unfreeze_at_epoch is not None and unfreeze_at_epoch < 0):
+            raise UserError(
+                f"backbone_lr_scale={backbone_lr_scale} must be > 0, lora_rank={lora_rank} >= 0 and "
+                f"unfreeze_at_epoch={unfreeze_at_epoch} >= 0 (or null: stay frozen)"
+            )
+        super().__init__(**kwargs)
+        if freeze_backbone and kwargs.get("network") is not None:
+            raise UserError(
+                "freeze_backbone with model.network: your network has no separate head to train; "
+                "use --model.freeze_backbone=false"
+            )
+        self.set_trainable(epoch=0)
+
+    def build_network(self, network):
+        normalize, backbone, head = super().build_network(network)
+        if self.hparams.lora_rank:
+            backbone = self.add_adapters(backbone)
+        return normalize, backbone, head
+
+    def add_adapters(self, backbone: nn.Module) -> nn.Module:
+        """`backbone` with LoRA adapters of rank `lora_rank` (the text model uses peft's instead)."""
+        if not add_lora(backbone, self.hparams.lora_rank, self.hparams.lora_alpha):
+            raise UserError(
+                f"lora_rank={self.hparams.lora_rank}: backbone {self.hparams.get('backbone')!r} has no Linear "
+                "layers for LoRA adapters; use --model.backbone=mlp or vit, or --model.freeze_backbone=true instead"
+            )
+        return backbone
+
+    def parameter_groups(self) -> list[dict]:
+        """'backbone' at lr x backbone_lr_scale and 'head' (the head and any LoRA adapters) at lr. A frozen
+        backbone stays in its group: AdamW skips parameters without a gradient, so unfreezing only sets
+        `requires_grad`."""
+        lr, scale = self.hparams.lr, self.hparams.backbone_lr_scale
+        if scale == 1:
+            return super().parameter_groups()
+        backbone = [p for name, p in self.backbone.named_parameters() if not is_adapter(name)]
+        ids = {id(p) for p in backbone}
+        head = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": backbone, "lr": lr * scale, "name": "backbone"}, {"params": head, "lr": lr, "name": "head"}]
+
+    def backbone_frozen(self, epoch: int) -> bool:
+        h = self.hparams
+        return bool(h.freeze_backbone) and (h.unfreeze_at_epoch is None or epoch < h.unfreeze_at_epoch)
+
+    def set_trainable(self, epoch: int) -> None:
+        """Which backbone parameters train in `epoch`. In training, BatchNorm layers without trained
+        parameters go to eval mode, so that their running statistics stay as loaded."""
+        frozen, lora = self.backbone_frozen(epoch), bool(self.hparams.lora_rank)
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(not frozen and (is_adapter(name) or not lora))
+        for m in self.backbone.modules() if self.training else ():
+            if isinstance(m, BATCH_NORMS):
+                m.train(any(p.requires_grad for p in m.parameters()))
+
+    def trainable(self) -> str:
+        """One line: how many parameters train now, and which."""
+        total = sum(p.numel() for p in self.parameters())
+        count = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if self.backbone_frozen(self.current_epoch):
+            until = self.hparams.unfreeze_at_epoch
+            what = "head only (backbone frozen" + (f" until epoch {until})" if until is not None else ")")
+        else:
+            what = "head + LoRA adapters" if self.hparams.lora_rank else "the whole model"
+        return f"Trainable parameters: {count:,} of {total:,} ({100 * count / total:.1f}%): {what}"
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        h = self.hparams
+        if stage != "fit":
+            return
+        if h.freeze_backbone and h.unfreeze_at_epoch is not None and self.trainer.world_size > 1:
+            raise UserError(
+                "unfreeze_at_epoch with more than one process: DDP fixes the trained parameters when it starts. "
+                "Run two fits instead: one with the backbone frozen, then one with "
+                "--model.init_from=<its last.ckpt> --model.freeze_backbone=false"
+            )
+        # Loaded here, before DDP or FSDP wrap the model. A resumed fit then restores its own checkpoint
+        # over these weights (the command line drops init_from when resuming, so the file may be gone).
+        if h.get("init_from"):  # (the text model has none)
+            rank_zero_print(load_init_weights(self, h["init_from"]))
+
+    def on_train_start(self):
+        self.set_trainable(self.current_epoch)  # also where a run resumed mid-epoch starts
+        rank_zero_print(self.trainable())
+
+    def on_train_epoch_start(self):
+        self.set_trainable(self.current_epoch)
+        if self.hparams.freeze_backbone and self.current_epoch == self.hparams.unfreeze_at_epoch:
+            rank_zero_print(f"Epoch {self.current_epoch}: backbone unfrozen. {self.trainable()}")
+
+    def on_predict_start(self) -> None:
+        if self.hparams.lora_rank:
+            merge_lora(self.backbone)  # one matrix product per layer instead of three

@@ -152,3 +152,33 @@ def build_backbone(
         raise UserError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     extra = {"heads": heads, "patch_size": patch_size} if name == "vit" else {}
     return BACKBONES[name](tuple(input_shape), width, depth, dropout, **extra)
+
+
+def own_network(network: nn.Module, input_shape, num_classes: int) -> nn.Module:
+    """A user's network (README, "Bring your own network"), checked on one example batch.
+
+    A network whose first layer is an `nn.Linear` (a tutorial's MLP) is given flat inputs:
+    images of (channels, height, width) are flattened first, as the built-in MLP does.
+    """
+    first = next((m for m in network.modules() if not list(m.children())), None)
+    if isinstance(first, nn.Linear) and len(input_shape) > 1:
+        network = nn.Sequential(nn.Flatten(), network)
+    name = type(network[-1] if isinstance(network, nn.Sequential) else network).__name__
+    shape = ", ".join(map(str, input_shape))
+    training = network.training
+    try:
+        with torch.no_grad():  # in eval mode: BatchNorm's running statistics stay as they are
+            out = network.eval()(example_batch(input_shape).expand(2, *input_shape))
+    except Exception as err:  # the user's code: any error means it does not take this data's batches
+        raise UserError(
+            f"model.network {name}: fails on a batch of this data's inputs, shape (batch, {shape}) "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); match its input size to the data"
+        ) from None
+    network.train(training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"model.network {name}: returns {got} for a batch of 2, not (2, {num_classes}): "
+            f"its last layer must give one logit per class ({num_classes} for this data)"
+        )
+    return network

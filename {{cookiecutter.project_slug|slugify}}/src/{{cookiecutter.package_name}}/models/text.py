@@ -21,27 +21,24 @@ folder (`model_name_or_path`) plus the checkpoint.
 import warnings
 from typing import Literal
 
-import lightning as L
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..pretrained import load_encoder
-from .classifier import Classifier
-from .finetune import is_adapter
-from .metrics import ClassificationScores
+from .finetune import FineTuner, is_adapter
 
 # Lightning lists every pretrained weight a small checkpoint leaves out; on_load_checkpoint
 # checks the ones that matter (everything that trained).
 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
-def add_adapters(encoder: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | None):
+def peft_adapters(encoder: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str] | None):
     """`encoder` with peft LoRA adapters of `rank` on the `targets` modules (null: peft's choice
     for the architecture, e.g. BERT's attention `query` and `value`)."""
     import peft
 
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
     try:
         return peft.get_peft_model(encoder, config)
     except ValueError as err:
@@ -70,7 +67,7 @@ def layer_class(encoder: nn.Module) -> type[nn.Module]:
     return type(max(stacks, key=len)[0])
 
 
-class TextClassifier(Classifier):
+class TextClassifier(FineTuner):
     """Classify texts into `num_classes` classes with a pretrained encoder and a linear head.
 
     Args:
@@ -121,32 +118,30 @@ class TextClassifier(Classifier):
         lora_target_modules: list[str] | None = None,
         gradient_checkpointing: bool = False,
     ):
-        # Classifier's constructor builds a vision or table network; this one builds the encoder
-        # and reuses everything else of the Classifier.
-        L.LightningModule.__init__(self)
-        # save_hyperparameters reads the arguments from this frame's `__class__` cell, which Python
-        # creates only where `super()` or `__class__` appears: this line is what makes it.
-        assert __class__ is TextClassifier or issubclass(type(self), __class__)
-        self.save_hyperparameters()
-        self.checkpoint_step = None  # as in Classifier: where the loaded checkpoint sits on the run's charts
-        if backbone_lr_scale <= 0 or lora_rank < 0:
-            raise UserError(f"backbone_lr_scale={backbone_lr_scale} must be > 0 and lora_rank={lora_rank} >= 0")
-        encoder = load_encoder(model_name_or_path)
-        if gradient_checkpointing:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora_rank:
-            encoder = add_adapters(encoder, lora_rank, lora_alpha, lora_dropout, lora_target_modules)
-        self.backbone = encoder
-        object.__setattr__(self, "compiled", None)  # no torch.compile option here (Classifier.forward's)
+        super().__init__(
+            num_classes=num_classes, input_shape=input_shape, class_names=class_names, feature_names=feature_names,
+            lr=lr, weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
+            label_smoothing=label_smoothing, freeze_backbone=freeze_backbone, unfreeze_at_epoch=unfreeze_at_epoch,
+            backbone_lr_scale=backbone_lr_scale, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        )  # fmt: skip
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
-        self.train_metrics = ClassificationScores(num_classes, prefix="train/")
-        self.val_metrics = ClassificationScores(num_classes, prefix="val/")
-        self.test_metrics = ClassificationScores(num_classes, prefix="test/")
-        self._apply_freezing(epoch=0, modes=False)
+        self.example_input_array = None  # the summary's FLOPs: token ids are not images
         # Checkpoints may leave out the pretrained weights (saved_in_checkpoint); the model was
-        # built from them above, and on_load_checkpoint checks that nothing else is missing.
+        # built from them, and on_load_checkpoint checks that nothing else is missing.
         self.strict_loading = False
+
+    def build_network(self, network=None):
+        h = self.hparams
+        encoder = load_encoder(h.model_name_or_path)
+        if h.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if h.lora_rank:
+            encoder = self.add_adapters(encoder)
+        return nn.Identity(), encoder, nn.Linear(encoder.config.hidden_size, h.num_classes)
+
+    def add_adapters(self, encoder: nn.Module) -> nn.Module:
+        h = self.hparams
+        return peft_adapters(encoder, h.lora_rank, h.lora_alpha, h.lora_dropout, h.lora_target_modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]
@@ -176,14 +171,6 @@ class TextClassifier(Classifier):
                 "it was written for another model or other LoRA settings"
             )
         super().on_load_checkpoint(checkpoint)
-
-    def setup(self, stage: str) -> None:
-        h = self.hparams
-        if stage == "fit" and h.freeze_backbone and h.unfreeze_at_epoch is not None and self.trainer.world_size > 1:
-            raise UserError(
-                "unfreeze_at_epoch with more than one process: DDP fixes the trained parameters when it starts. "
-                "Train with --model.freeze_backbone=false (or LoRA) instead"
-            )
 
     def on_predict_start(self) -> None:
         pass  # the adapters run as trained; export merges them (text_export.py)
