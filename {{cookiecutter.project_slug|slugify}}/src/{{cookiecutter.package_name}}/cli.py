@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
 from .data.batches import InMemoryDataModule
-from .errors import UserError, print_error, rank_zero_print, read_checkpoint, weights_mismatch
+from .errors import UserError, first_line, print_error, rank_zero_print, read_checkpoint, weights_mismatch
 from .models import Classifier
 from .quiet import quiet
 
@@ -287,14 +287,17 @@ class CLI(LightningCLI):
             config.ckpt_path = str(path)
 
 
-def run(args=None, callbacks=()) -> CLI:
+def run(args=None, callbacks=(), parse_errors_raise: bool = False, cli_class: type = CLI) -> CLI:
     """Parse `args` (default: sys.argv), build everything and run the subcommand.
 
     `callbacks`: Callback objects added to the Trainer's (the hyperparameter search passes its own).
+    `parse_errors_raise`: a refused option raises argparse.ArgumentError instead of printing and exiting.
     """
     quiet()
     kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.is_file() else {}
-    return CLI(
+    if parse_errors_raise:
+        kwargs["exit_on_error"] = False
+    return cli_class(
         Classifier,
         InMemoryDataModule,
         subclass_mode_model=True,
@@ -303,9 +306,36 @@ def run(args=None, callbacks=()) -> CLI:
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RunSummary(), *callbacks]},  # added to the config's, never replaced
-        parser_kwargs={sub: kwargs for sub in SUBCOMMANDS},
+        parser_kwargs={
+            **({"exit_on_error": False} if parse_errors_raise else {}),
+            **{sub: kwargs for sub in SUBCOMMANDS},
+        },
         args=args,
     )
+
+
+class Parsed(Exception):
+    """Carries the parsed config out of `ParseOnly`."""
+
+
+class ParseOnly(CLI):
+    """Stops once the command line is parsed and checked: nothing is built or run."""
+
+    def before_instantiate_classes(self) -> None:
+        raise Parsed(self.config[self.subcommand])
+
+
+def parsed_config(args: list[str]):
+    """The subcommand's config (a jsonargparse Namespace) that `args` give; a UserError if the parser refuses them."""
+    import argparse
+
+    try:
+        run(args, parse_errors_raise=True, cli_class=ParseOnly)
+    except Parsed as parsed:
+        return parsed.args[0]
+    except argparse.ArgumentError as err:
+        raise UserError(f"the run config is not valid: {first_line(err)}") from None
+    raise AssertionError("ParseOnly returned without a config")
 
 
 def explain(err: BaseException | None) -> str | None:
