@@ -116,8 +116,11 @@ def test_lora_adapters_are_merged_into_the_export(tmp_path):
                 p.normal_(0, 0.5)
     ckpt = tmp_path / "lora.ckpt"
     # what LightningCLI writes: the class to rebuild, so loading gives a FineTuner with its adapters
-    hparams = {**model.hparams, "_class_path": "{{ cookiecutter.package_name }}.models.FineTuner",
-               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    hparams = {
+        **model.hparams,
+        "_class_path": "{{ cookiecutter.package_name }}.models.FineTuner",
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    }
     state = {"state_dict": model.state_dict(), "hyper_parameters": hparams}
     torch.save({**state, "pytorch-lightning_version": lightning.__version__}, ckpt)
 

@@ -54,12 +54,12 @@ def test_batch_size_finder_trains_with_the_largest_batch(workdir, capsys):
     quick = ["--trainer.callbacks.init_args.init_val=128", "--trainer.callbacks.init_args.steps_per_trial=1"]
     cli = run(["fit", *RUN, "--trainer.accumulate_grad_batches=2", "--config", str(TUNE / "batch_size.yaml"), *quick])
     out = capsys.readouterr().out
-    found = re.search(r"Batch-size finder: largest batch that fits: (\d+); effective batch size (\d+) x 2 "
-                      r"accumulation x 1 device = (\d+)", out)  # fmt: skip
+    found = re.search(r"Batch-size finder: largest batch that fits: (\d+); Effective batch size (\d+) = (\d+) per "
+                      r"device x 2 accumulation x 1 device x 1 node", out)  # fmt: skip
     assert found, out
     size = int(found.group(1))
     # On a CPU nothing runs out of memory: the doubling stops at the training set (500 images), less the margin.
-    assert size == int(512 * 0.95) and int(found.group(3)) == 2 * size
+    assert size == int(512 * 0.95) and int(found.group(2)) == 2 * size and int(found.group(3)) == size
     assert cli.datamodule.batch_size == size and cli.trainer.train_dataloader.batch_size == size
     assert f"Effective batch size {2 * size} = {size} per device x 2 accumulation" in out
     assert cli.trainer.current_epoch == 1 and cli.trainer.global_step == 1  # 2 batches of 486 and 14, accumulated

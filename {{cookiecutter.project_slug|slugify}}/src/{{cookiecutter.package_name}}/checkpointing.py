@@ -97,20 +97,32 @@ class LastCheckpoint(ModelCheckpoint):
         self.stopped_by = None  # the signal's name, once one asked the run to stop
         self._rng_to_restore = None
         self._handlers = {}
+        self.saved_at_step = -1
 
     @property
     def path(self) -> Path:
         return Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
 
     def save_now(self, trainer) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+        """Write `path` now (every process calls this; the strategy writes once, through AtomicCheckpointIO)."""
+        if trainer.sanity_checking or trainer.fast_dev_run or self.saved_at_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_at_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         if self.every_n_steps and step and step % self.every_n_steps == 0:
             self.save_now(trainer)
+
+    # Every save goes through save_now, which skips a step already saved: at the end of each epoch
+    # (after its validation), not also where ModelCheckpoint would save by its own rules.
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.save_now(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rng_states": rng_states()}
@@ -128,8 +140,11 @@ class LastCheckpoint(ModelCheckpoint):
 
     def _catch_stop_signals(self, trainer) -> None:
         """SIGTERM (and SIGUSR1 outside SLURM) make Lightning stop after the current step (see on_exception)."""
-        environment = trainer._accelerator_connector.cluster_environment
-        slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        environment = getattr(trainer.strategy, "cluster_environment", None)  # single-device strategies have none
+        if isinstance(environment, SLURMEnvironment):
+            slurm = environment.auto_requeue
+        else:
+            slurm = environment is None and SLURMEnvironment.detect()
         for name in STOP_SIGNALS[: 1 if slurm else 2]:
             signum = getattr(signal, name, None)
             if signum is None:  # Windows has no SIGUSR1
@@ -139,9 +154,11 @@ class LastCheckpoint(ModelCheckpoint):
             def handler(number, frame, previous=previous, name=name):
                 self.stopped_by = self.stopped_by or name
                 if callable(previous):
-                    previous(number, frame)  # Lightning's SIGTERM handler sets trainer.received_sigterm
+                    previous(number, frame)  # Lightning's SIGTERM handler: stop after this step (see on_exception)
+                elif name != "SIGTERM":
+                    signal.raise_signal(signal.SIGTERM)  # the same stop, through Lightning's SIGTERM handler
                 else:
-                    trainer._signal_connector.received_sigterm = True
+                    trainer.should_stop = True  # Lightning has no SIGTERM handler here: stop at the epoch's end
 
             try:
                 signal.signal(signum, handler)

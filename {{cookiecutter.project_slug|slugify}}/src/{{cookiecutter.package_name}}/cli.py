@@ -24,7 +24,15 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
 from .data.batches import InMemoryDataModule
-from .errors import UserError, first_line, print_error, rank_zero_print, read_checkpoint, weights_mismatch
+from .errors import (
+    UserError,
+    effective_batch_size,
+    first_line,
+    print_error,
+    rank_zero_print,
+    read_checkpoint,
+    weights_mismatch,
+)
 from .models import Classifier
 from .quiet import quiet
 
@@ -87,14 +95,10 @@ def setup_hardware(trainer) -> None:
 
 def describe_run(trainer, model) -> str:
     """One line: the samples per optimizer step and how they are made, the precision and the strategy."""
-    batch = getattr(trainer.datamodule, "batch_size", None)
-    steps, devices, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
-    total = batch * steps * devices * nodes if isinstance(batch, int) else "?"
     strategy = getattr(trainer.strategy, "strategy_name", None) or type(trainer.strategy).__name__
     line = (
-        f"Effective batch size {total} = {batch} per device x {steps} accumulation x {devices} "
-        f"device{'s' * (devices != 1)} x {nodes} node{'s' * (nodes != 1)}; precision {trainer.precision}; "
-        f"strategy {strategy.removesuffix('Strategy').lower()}"
+        f"{effective_batch_size(trainer, getattr(trainer.datamodule, 'batch_size', None))}; "
+        f"precision {trainer.precision}; strategy {strategy.removesuffix('Strategy').lower()}"
     )
     return line + ("; backbone compiled (torch.compile)" if model.hparams.get("compile") else "")
 

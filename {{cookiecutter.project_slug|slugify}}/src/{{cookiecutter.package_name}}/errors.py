@@ -81,6 +81,16 @@ def weights_mismatch(err: BaseException) -> str | None:
     return None
 
 
+def effective_batch_size(trainer, batch) -> str:
+    """'Effective batch size N = batch per device x accumulation x devices x nodes' (the samples per optimizer step)."""
+    steps, devices, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
+    total = batch * steps * devices * nodes if isinstance(batch, int) else "?"
+    return (
+        f"Effective batch size {total} = {batch} per device x {steps} accumulation x {devices} "
+        f"device{'s' * (devices != 1)} x {nodes} node{'s' * (nodes != 1)}"
+    )
+
+
 def print_error(message: object) -> int:
     """Print the one `ERROR:` line of a user mistake to stderr; returns the exit code, 1."""
     print(f"ERROR: {message}", file=sys.stderr)

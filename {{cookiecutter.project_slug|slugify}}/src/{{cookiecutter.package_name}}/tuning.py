@@ -19,8 +19,9 @@ keep the value found, and then the ordinary training run follows with it. Ours a
 
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ParallelStrategy
 
-from .errors import UserError, rank_zero_print
+from .errors import UserError, effective_batch_size, rank_zero_print
 
 
 class LRFinder(LearningRateFinder):
@@ -132,7 +133,7 @@ class BatchFinder(BatchSizeFinder):
         )
 
     def setup(self, trainer, pl_module, stage=None) -> None:
-        if trainer._accelerator_connector.is_distributed:
+        if isinstance(trainer.strategy, ParallelStrategy):  # DDP, FSDP, DeepSpeed: one process per device
             raise UserError(
                 "the batch-size finder runs on one device only: find the batch size with --trainer.devices=1 "
                 "(without the ddp/fsdp config), then train with --data.batch_size=N on all devices"
@@ -150,8 +151,4 @@ class BatchFinder(BatchSizeFinder):
         size = self.optimal_batch_size
         if size != before:
             trainer.strategy.setup_optimizers(trainer)  # the schedule's length depends on the batch size
-        steps, devices, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
-        rank_zero_print(
-            f"Batch-size finder: largest batch that fits: {size}; effective batch size {size} x {steps} "
-            f"accumulation x {devices * nodes} device{'s' * (devices * nodes != 1)} = {size * steps * devices * nodes}"
-        )
+        rank_zero_print(f"Batch-size finder: largest batch that fits: {size}; {effective_batch_size(trainer, size)}")
