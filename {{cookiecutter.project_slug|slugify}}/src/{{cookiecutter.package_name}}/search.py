@@ -274,8 +274,8 @@ def search(args, passed: list[str]) -> None:
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if args.summary:
-        if args.study_name not in optuna.get_all_study_names(storage):
-            names = optuna.get_all_study_names(storage)
+        names = optuna.get_all_study_names(storage)
+        if args.study_name not in names:
             raise UserError(f"no study '{args.study_name}' in {storage} (it holds: {names or 'none'})")
         return summarize(optuna.load_study(study_name=args.study_name, storage=storage), output, args.metric)
     base = [item for config in args.config for item in ("--config", config)] + passed
