@@ -72,6 +72,7 @@ EXPECTED_FILES = [
     "src/{pkg}/models/fsdp.py",
     "src/{pkg}/models/metrics.py",
     "src/{pkg}/models/nets.py",
+    "src/{pkg}/models/schedule.py",
     "src/{pkg}/models/text.py",
     "src/{pkg}/pretrained.py",
     "src/{pkg}/quiet.py",

@@ -10,14 +10,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT, SMALL, run_train_py
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from {{ cookiecutter.package_name }}.checkpointing import AtomicCheckpointIO
+from {{ cookiecutter.package_name }}.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from {{ cookiecutter.package_name }}.cli import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -284,6 +286,25 @@ def finished(job: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
         pytest.fail(f"the job did not end within {timeout} s:\n{out[-2000:]}{err[-2000:]}")
     assert job.returncode == 0, out[-2000:] + err[-2000:]
     return out, err
+
+
+def test_under_slurm_sigusr1_runs_lightnings_requeue_at_the_end_of_the_step():
+    """SLURM's warning signal is only noted when it comes: Lightning's handler (which closes the
+    loggers, saves hpc_ckpt and requeues) then runs between two steps, never inside a log write."""
+    lightning_handler = []  # stands in for Lightning's SLURM SIGUSR1 handler
+    before = signal.signal(signal.SIGUSR1, lambda number, frame: lightning_handler.append(number))
+    callback = LastCheckpoint()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=True)))
+    try:
+        callback.on_train_start(trainer, None)
+        signal.raise_signal(signal.SIGUSR1)
+        assert lightning_handler == [] and callback.stopped_by is None
+        callback.requeue_if_asked()  # what on_train_batch_end does first
+        callback.requeue_if_asked()
+        assert lightning_handler == [signal.SIGUSR1]
+    finally:
+        callback.teardown(trainer, None, "fit")
+        signal.signal(signal.SIGUSR1, before)
 
 
 @pytest.mark.slow

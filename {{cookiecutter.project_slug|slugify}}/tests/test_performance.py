@@ -45,23 +45,28 @@ def test_scores_count_every_sample_and_reset():
 
 class StepLosses(L.Callback):
     def __init__(self):
-        self.losses = []
+        self.losses, self.sizes = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(outputs["loss"].item())
+        self.sizes.append(len(batch[1]))
 
 
-def test_epoch_loss_is_the_mean_of_the_step_losses(workdir):
+def test_epoch_loss_is_the_mean_loss_over_the_epochs_samples(workdir):
+    """Each step's mean loss weighted by its batch's size, as val/loss and test/loss are: the last,
+    smaller batch counts for its samples, not as much as a full one."""
     cli = run(
         [
             "fit", *SMALL, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=3",
             "--trainer.callbacks+=test_performance.StepLosses",
         ]
     )  # fmt: skip
-    losses = next(c for c in cli.trainer.callbacks if type(c).__name__ == "StepLosses").losses
-    assert len(losses) == 8  # 500 training images / 64
+    steps = next(c for c in cli.trainer.callbacks if type(c).__name__ == "StepLosses")
+    losses, sizes = steps.losses, steps.sizes
+    assert sizes == [64] * 7 + [52]  # 500 training images
     logged = cli.trainer.logged_metrics
-    assert logged["train/loss_epoch"].item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    mean = sum(loss * n for loss, n in zip(losses, sizes)) / 500
+    assert logged["train/loss_epoch"].item() == pytest.approx(mean, rel=1e-5)
     # The step loss reaches the logger only on logging steps: the last one was step 6 of 8.
     assert logged["train/loss_step"].item() == pytest.approx(losses[5], rel=1e-5)
 

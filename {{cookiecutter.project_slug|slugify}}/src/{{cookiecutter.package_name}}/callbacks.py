@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchmetrics import Metric
 
 from .errors import rank_zero_print
-from .internals import tensorboard_file_writer
+from .internals import tensorboard_file_writer, validation_log_step
 
 
 def class_names(pl_module, num_classes: int) -> list[str]:
@@ -215,24 +215,29 @@ def confusion_image(counts: torch.Tensor, names: list[str]) -> Image.Image:
     return image
 
 
-def sample_grid(images: list[torch.Tensor], captions: list[str], columns: int = 8) -> Image.Image:
-    """uint8 images (C x H x W) in a grid, each above its caption."""
-    font = ImageFont.load_default()
+def sample_grid(images: list[torch.Tensor], captions: list[str], columns: int = 4) -> Image.Image:
+    """uint8 images (C x H x W) in a grid, each above its caption (lines split at "\\n").
+
+    TensorBoard shrinks an image to fit its card, about 375 x 215 pixels by default: eight
+    28 x 28 images (shown at 56 x 56) with two 12-pixel caption lines fit in it at full size.
+    """
+    font = ImageFont.load_default(size=12)
     c, h, w = images[0].shape
     scale = max(1, 56 // max(h, w))
-    tile_w = max(w * scale, *(int(font.getlength(t)) + 4 for t in captions))
-    tile_h = h * scale + 14
+    lines = max(caption.count("\n") + 1 for caption in captions)
+    widest = max(font.getlength(line) for caption in captions for line in caption.split("\n"))
+    tile_w, tile_h = max(w * scale, int(widest) + 6), h * scale + 15 * lines + 4
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * (tile_w + 2), rows * (tile_h + 2)), "white")
+    grid = Image.new("RGB", (columns * tile_w, rows * tile_h), "white")
     draw = ImageDraw.Draw(grid)
     for k, (x, caption) in enumerate(zip(images, captions)):
         pixels = x.permute(1, 2, 0).numpy()
         tile = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels[:, :, :3])
         tile = tile.convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
-        x0, y0 = (k % columns) * (tile_w + 2), (k // columns) * (tile_h + 2)
+        x0, y0 = (k % columns) * tile_w, (k // columns) * tile_h
         grid.paste(tile, (x0 + (tile_w - w * scale) // 2, y0))
-        draw.text((x0 + 2, y0 + h * scale), caption, fill="black", font=font)
+        draw.multiline_text((x0 + 3, y0 + h * scale + 1), caption, fill="black", font=font, spacing=3)
     return grid
 
 
@@ -241,9 +246,9 @@ class TensorBoardViews(Callback):
 
     `val/confusion_matrix`: rows are the true classes, columns the predicted ones; each cell
     is shaded by its share of the row (the diagonal in blue) and shows its count (up to 20
-    classes). `val/misclassified`: validation images the model got wrong, captioned
-    `true->predicted` (image data only). The HPARAMS tab lists the run's hyperparameters
-    beside the last value of each metric of `hparams_metrics`.
+    classes). `val/misclassified`: validation images the model got wrong, each captioned with its
+    true class and, below, `-> predicted` (image data only). The HPARAMS tab lists the run's
+    hyperparameters beside the last value of each metric of `hparams_metrics`.
 
     Args:
         every_n_epochs: draw the images after every n-th epoch's validation; 0: never.
@@ -255,7 +260,7 @@ class TensorBoardViews(Callback):
     def __init__(
         self,
         every_n_epochs: int = 1,
-        misclassified: int = 24,
+        misclassified: int = 8,
         hparams_metrics: list[str] | None = None,
     ):
         self.every_n_epochs = every_n_epochs
@@ -335,7 +340,7 @@ class TensorBoardViews(Callback):
         experiment = self._tensorboard(trainer).experiment
         # The step Lightning gives the validation scalars, so that images and curves line up
         # (for `validate` of a checkpoint, the step at which fit logged that epoch's validation).
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        step = validation_log_step(trainer)
         trained = getattr(pl_module, "checkpoint_step", None)
         if trainer.state.fn != "fit" and trained is not None:
             step = trained
@@ -346,7 +351,7 @@ class TensorBoardViews(Callback):
         if self._wrong:
             images, true, predicted = zip(*self._wrong)
             names = class_names(pl_module, self._num_classes)
-            grid = sample_grid(list(images), [f"{names[t]}->{names[p]}" for t, p in zip(true, predicted)])
+            grid = sample_grid(list(images), [f"{names[t]}\n-> {names[p]}" for t, p in zip(true, predicted)])
             experiment.add_image("val/misclassified", np.asarray(grid), step, dataformats="HWC")
         self._wrong = []
 

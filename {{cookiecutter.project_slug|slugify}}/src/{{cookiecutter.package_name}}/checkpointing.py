@@ -6,7 +6,9 @@ line uses it unless the Trainer is given another CheckpointIO.
 
 `LastCheckpoint` keeps `last.ckpt`: at the end of each epoch, every `every_n_train_steps`
 optimizer steps when set, and when the run is asked to stop (SIGTERM; SIGUSR1 too outside
-SLURM, whose own SIGUSR1 handling, save and requeue, Lightning keeps). It also stores the
+SLURM). Under SLURM, Lightning's own SIGUSR1 handling (save hpc_ckpt, requeue) is kept but run
+between two steps, where its checkpoint is whole and its closing of the loggers cannot cut a
+log write in half (it would fail with "Writer is closed"). It also stores the
 random generators' states, and the DataModule stores how far into the epoch training got
 (data/batches.py), so `fit --ckpt_path=last` continues exactly where the checkpoint was taken.
 """
@@ -97,6 +99,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.stopped_by = None  # the signal's name, once one asked the run to stop
         self._rng_to_restore = None
         self._handlers = {}
+        self._requeue = None  # Lightning's SLURM handler, once SIGUSR1 came: run at the next step's end
         self.saved_at_step = -1
 
     @property
@@ -111,6 +114,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.saved_at_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.requeue_if_asked()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         if self.every_n_steps and step and step % self.every_n_steps == 0:
@@ -139,19 +143,23 @@ class LastCheckpoint(ModelCheckpoint):
         self._catch_stop_signals(trainer)
 
     def _catch_stop_signals(self, trainer) -> None:
-        """SIGTERM (and SIGUSR1 outside SLURM) make Lightning stop after the current step (see on_exception)."""
+        """SIGTERM (and SIGUSR1 outside SLURM) make Lightning stop after the current step (see on_exception);
+        under SLURM, SIGUSR1 runs Lightning's requeue at the end of the current step."""
         environment = getattr(trainer.strategy, "cluster_environment", None)  # single-device strategies have none
         if isinstance(environment, SLURMEnvironment):
             slurm = environment.auto_requeue
         else:
             slurm = environment is None and SLURMEnvironment.detect()
-        for name in STOP_SIGNALS[: 1 if slurm else 2]:
+        for name in STOP_SIGNALS:
             signum = getattr(signal, name, None)
             if signum is None:  # Windows has no SIGUSR1
                 continue
             previous = signal.getsignal(signum)
 
             def handler(number, frame, previous=previous, name=name):
+                if slurm and name == "SIGUSR1" and callable(previous):  # SLURM's warning: see requeue_if_asked
+                    self._requeue = (previous, number)
+                    return
                 self.stopped_by = self.stopped_by or name
                 if callable(previous):
                     previous(number, frame)  # Lightning's SIGTERM handler: stop after this step (see on_exception)
@@ -165,6 +173,12 @@ class LastCheckpoint(ModelCheckpoint):
             except ValueError:  # not the main thread: leave signals to Lightning
                 return
             self._handlers[signum] = previous
+
+    def requeue_if_asked(self) -> None:
+        """Run Lightning's SLURM SIGUSR1 handler (hpc_ckpt, `scontrol requeue`) now, if the signal came."""
+        if self._requeue is not None:
+            (handler, number), self._requeue = self._requeue, None
+            handler(number, None)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for signum, previous in self._handlers.items():

@@ -4,10 +4,6 @@ Each one has no public equivalent today. They live here so that an upgrade that 
 in one place, and tests/test_internals.py fails with the name that changed.
 """
 
-# quiet.py silences one deprecation warning that Lightning 2.6 raises from this module on every
-# run; a warnings filter can only name the module that raises it.
-LIGHTNING_PYTREE = "lightning.pytorch.utilities._pytree"
-
 # export.py lowers this logger while exporting to ONNX: it prints "torchvision is not installed"
 # on every export, a line about a package this project deliberately does not use.
 ONNX_REGISTRATION = "torch.onnx._internal.exporter._registration"
@@ -21,3 +17,11 @@ def tensorboard_file_writer(logger):
     `file_writer` is set by `SummaryWriter.__init__` but is not documented.
     """
     return logger.experiment.file_writer
+
+
+def validation_log_step(trainer) -> int:
+    """The step at which Lightning logs this validation's scalars, so that callbacks.py's images
+    line up with the curves. It is a counter of the fit loop (`_batches_that_stepped`), which
+    Lightning's own DeviceStatsMonitor reads too; `global_step` is one ahead of it at that moment.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -1,14 +1,12 @@
 """Lines that Lightning and PyTorch print on every run and that say nothing about it.
 
-Each one is silenced by its message and the module it comes from; every other line and
-warning still shows, so anything new (or anything about the run) is seen.
+Each one is silenced by its exact message (and the logger or warning category it comes with);
+every other line and warning still shows, so anything new (or anything about the run) is seen.
 """
 
 import logging
 import re
 import warnings
-
-from .internals import LIGHTNING_PYTREE
 
 # Lightning prints its information lines (rank_zero_info) through this logger.
 LIGHTNING_INFO = "lightning.pytorch.utilities.rank_zero"
@@ -33,5 +31,4 @@ def quiet() -> None:
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
-        module=re.escape(LIGHTNING_PYTREE),
     )

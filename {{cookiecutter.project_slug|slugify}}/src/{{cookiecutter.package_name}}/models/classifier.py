@@ -4,7 +4,6 @@ Its arguments are plain values (`network`: a class path), so checkpoints load wi
 The data's mean and std are buffers of `normalize`: the model takes raw inputs wherever it runs.
 """
 
-import math
 from typing import Literal
 
 import lightning as L
@@ -16,6 +15,7 @@ from torch import nn
 from .fsdp import clip_gradients
 from .metrics import ClassificationScores
 from .nets import Normalize, build_backbone, example_batch, own_network
+from .schedule import warmup_then_cosine
 
 
 class Classifier(L.LightningModule):
@@ -120,15 +120,7 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, cosine = min(self.hparams.warmup_steps, total), self.hparams.scheduler == "cosine"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1 + math.cos(math.pi * progress)) if cosine else 1.0
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        schedule = warmup_then_cosine(opt, self.hparams.warmup_steps, total, self.hparams.scheduler == "cosine")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -138,12 +130,10 @@ class Classifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         # The summary's example batch in the weights' dtype (bf16-true: bfloat16); none under FSDP
         # (the network may run only through FSDP's wrapper) or compile (it hides the layers).
-        if self.hparams.get("compile") or isinstance(self.trainer.strategy, FSDPStrategy):
-            self.example_input_array = None
-        elif self.example_input_array is not None:
-            self.example_input_array = example_batch(self.hparams.input_shape, self.trainer.precision)
-        # fit: the statistics of the data it trains on (a resumed fit then loads its checkpoint's);
-        # test, predict: the checkpoint's, loaded after setup.
+        hide = self.hparams.get("compile") or isinstance(self.trainer.strategy, FSDPStrategy)
+        if self.example_input_array is not None:
+            self.example_input_array = None if hide else example_batch(self.hparams.input_shape, self.trainer.precision)
+        # fit: the training data's statistics (a resumed fit loads its checkpoint's); test, predict: the checkpoint's.
         data = self.trainer.datamodule
         if stage == "fit" and isinstance(self.normalize, Normalize) and getattr(data, "mean", None) is not None:
             self.normalize.set_statistics(data.mean, data.std)
