@@ -77,6 +77,7 @@ EXPECTED_FILES = [
     "src/{pkg}/pretrained.py",
     "src/{pkg}/quiet.py",
     "src/{pkg}/search.py",
+    "src/{pkg}/search_report.py",
     "src/{pkg}/text_export.py",
     "src/{pkg}/tuning.py",
     "tests/conftest.py",

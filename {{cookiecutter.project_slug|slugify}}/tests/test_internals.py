@@ -1,10 +1,13 @@
-"""Each private name in internals.py still exists: an upgrade that moves one fails here, by name."""
+"""Each private name in internals.py still exists: an upgrade that moves one fails here, by name.
+And no other file of the project uses a private name of another library."""
 
 import importlib
 import logging
+import re
 import warnings
 
 import pytest
+from conftest import ROOT
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -36,3 +39,23 @@ def test_validation_log_step_reads_the_fit_loops_counter():
     except AttributeError as err:
         pytest.fail(f"internals.validation_log_step: fit_loop.epoch_loop._batches_that_stepped is gone ({err})")
     assert step == 0 and isinstance(step, int)
+
+
+# `x._name` (except `self._name`: the project's own attributes), module paths with a `._` part,
+# and `from x import _name`.
+PRIVATE = re.compile(r"\b(?!self\b)\w+(\(\))?\._[A-Za-z]|\bimport\b[^#]*\b_[A-Za-z]")
+
+
+def test_private_names_of_other_libraries_are_used_only_in_internals():
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted([*(ROOT / "src").rglob("*.py"), ROOT / "train.py", ROOT / "my_network.py"])
+        if path.name != "internals.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if PRIVATE.search(line)
+    ]
+    assert not found, "a private name outside internals.py (move it there, with a test):\n" + "\n".join(found)
+    names = {name for name in vars(internals) if not name.startswith("_")}
+    assert names == {"ONNX_REGISTRATION", "tensorboard_file_writer", "validation_log_step"}, (
+        "internals.py changed: update this list, its tests and the README's count of private names"
+    )

@@ -9,7 +9,7 @@ import yaml
 from conftest import ROOT, SMALL
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from {{ cookiecutter.package_name }} import search
+from {{ cookiecutter.package_name }} import search, search_report
 from {{ cookiecutter.package_name }}.cli import run
 
 optuna = pytest.importorskip("optuna", reason="the search needs the `search` extra: pip install -e '.[search]'")
@@ -103,7 +103,7 @@ def test_failures_are_recorded_and_a_resumed_search_adds_trials(space, monkeypat
     search.main(searching(space, n=3))
     trials = load().trials
     assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE", "FAIL"]
-    reasons = [search.reason(load(), t) for t in trials]
+    reasons = [search_report.reason(load(), t) for t in trials]
     assert reasons[0].startswith("interrupted") and reasons[2] == ""
     assert reasons[1] == "RuntimeError: boom in trial" and reasons[3].startswith("out of memory")
     assert trials[1].params != trials[3].params  # a resumed search does not draw the same values again
@@ -131,7 +131,7 @@ def test_ctrl_c_ends_the_search_and_the_same_command_runs_the_trial_again(space,
     [trial, waiting] = load().trials
     assert trial.state.name == "FAIL" and trial.user_attrs["reason"] == "interrupted (Ctrl-C)"
     assert waiting.state.name == "WAITING"
-    assert not search.counted(load(), trial)
+    assert not search_report.counted(load(), trial)
     monkeypatch.setattr(search, "run", run)
     search.main(searching(space, n=1))
     again = load().trials[1]  # the same values, run to the end this time
@@ -144,7 +144,8 @@ def test_nan_loss_fails_the_trial(workdir):
     search.main(searching(workdir / "space.yaml", "--model.init_args.scheduler=constant", n=1, study="nan"))
     [trial] = load("nan").trials
     assert trial.state.name == "FAIL"
-    assert trial.user_attrs["reason"].startswith("non-finite training loss")
+    assert trial.user_attrs["reason"].startswith("non-finite ") and "val/loss" in trial.user_attrs["reason"]
+    assert trial.user_attrs["reason"].endswith("(NaN or inf) in epoch 0")
 
 
 def test_a_value_the_command_line_refuses_fails_the_trial(workdir):

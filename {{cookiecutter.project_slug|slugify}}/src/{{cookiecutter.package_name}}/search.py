@@ -1,22 +1,18 @@
-"""Hyperparameter search with Optuna: each trial is an ordinary `train.py fit` with sampled options.
+"""Hyperparameter search with Optuna (`pip install -e '.[search]'`): each trial is a `train.py fit`.
 
-    python -m {{ cookiecutter.package_name }}.search --config configs/mnist_cnn.yaml --space configs/search/cnn.yaml \\
-        --n-trials 20 --storage sqlite:///runs/search.db --study-name cnn --output runs/search-cnn
+    python -m {{ cookiecutter.package_name }}.search --config configs/mnist_cnn.yaml \\
+        --space configs/search/cnn.yaml --n-trials 20
 
-Needs `pip install -e '.[search]'`. The space (YAML) gives each config key a range, e.g.
-`model.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}`; options after the known
-ones (e.g. --trainer.max_epochs=3) go to every trial. A trial's value is its best --metric; poor
-trials are pruned (median rule); a trial that fails (an error, out of memory, a NaN loss, an option
-the command line refuses) is recorded with its reason and the search goes on. The same command again
-continues the study up to --n-trials finished trials; a trial cut off by an interruption runs again.
-At the end: a table of the trials and `<output>/best.yaml`, the best trial's whole config.
+The space (YAML) gives config keys ranges, e.g. `model.init_args.lr: {type: float, low: 1.0e-4,
+high: 1.0e-2, log: true}`. A trial's value is its best --metric; poor trials are pruned; a failed
+trial is recorded with its reason. The same command again continues the study up to --n-trials
+finished trials. At the end: a table of the trials and `<output>/best.yaml` (README, "Hyperparameter search").
 """
 
 import argparse
 import difflib
 import inspect
 import json
-import math
 import shlex
 import signal
 import sys
@@ -30,9 +26,9 @@ from lightning.pytorch.callbacks import Callback
 
 from .cli import explain, parsed_config, run
 from .errors import UserError, first_line, print_error
+from .search_report import INTERRUPTED, counted, summarize
 
 TYPES = {"float": "FloatDistribution", "int": "IntDistribution", "categorical": "CategoricalDistribution"}
-INTERRUPTED = "interrupted"
 
 
 class TrialFailed(Exception):
@@ -40,40 +36,24 @@ class TrialFailed(Exception):
 
 
 class TrialMonitor(Callback):
-    """Reports `metric` after each validation; stops the run when Optuna prunes it or the loss is not finite."""
+    """Reports `metric` after each validation; stops the run when Optuna prunes it or a logged value
+    (a loss) is NaN or infinite: a diverged trial gives no value."""
 
     def __init__(self, trial, metric: str):
-        self.trial, self.metric = trial, metric
-        self.values: list[float] = []
-        self.pruned = False
-        self.failure: str | None = None
-        self.finite = None  # whether every training loss so far was finite, kept on the device (no sync)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            finite = torch.isfinite(loss.detach()).all()
-            self.finite = finite if self.finite is None else self.finite & finite
-
-    def stop(self, trainer, failure: str | None = None) -> None:
-        self.failure = self.failure or failure
-        trainer.should_stop = True
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.finite is not None and not bool(self.finite):
-            self.stop(trainer, f"non-finite training loss (NaN or inf) in epoch {trainer.current_epoch}")
+        self.trial, self.metric, self.values = trial, metric, []
+        self.pruned, self.failure = False, None
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.failure or self.metric not in trainer.callback_metrics:
+        logged = trainer.callback_metrics
+        if trainer.sanity_checking or self.metric not in logged:
             return
-        value = float(trainer.callback_metrics[self.metric])
-        if not math.isfinite(value):
-            return self.stop(trainer, f"{self.metric} is {value}")
-        self.trial.report(value, step=len(self.values))  # step: validations so far
-        self.values.append(value)
-        if self.trial.should_prune():
-            self.pruned = True
-            self.stop(trainer)
+        if broken := sorted(name for name, value in logged.items() if not torch.isfinite(value).all()):
+            self.failure = f"non-finite {', '.join(broken)} (NaN or inf) in epoch {trainer.current_epoch}"
+        else:
+            self.trial.report(float(logged[self.metric]), step=len(self.values))  # step: validations so far
+            self.values.append(float(logged[self.metric]))
+            self.pruned = self.trial.should_prune()
+        trainer.should_stop = trainer.should_stop or self.pruned or self.failure is not None
 
 
 def load_space(path: str, base: list[str]) -> dict:
@@ -94,10 +74,8 @@ def load_space(path: str, base: list[str]) -> dict:
         where = f"--space {path}: {key}"
         if not isinstance(spec, dict) or spec.get("type") not in TYPES:
             raise UserError(f"{where}: give a mapping with type: float, int or categorical, not {spec!r}")
-        kind, fields = (
-            getattr(optuna.distributions, TYPES[spec["type"]]),
-            {k: v for k, v in spec.items() if k != "type"},
-        )
+        kind = getattr(optuna.distributions, TYPES[spec["type"]])
+        fields = {k: v for k, v in spec.items() if k != "type"}
         takes = inspect.signature(kind).parameters
         if missing := [name for name, p in takes.items() if p.default is p.empty and name not in fields]:
             raise UserError(f"{where}: type {spec['type']} needs {', '.join(missing)}")
@@ -120,8 +98,7 @@ def objective(trial, base: list[str], output: Path, metric: str, direction: str)
     """Train one trial in this process; its value, or TrialFailed / optuna.TrialPruned."""
     import optuna
 
-    params = trial.params  # drawn by study.ask
-    args = ["fit", *base, *(f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items())]
+    args = ["fit", *base, *(f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in trial.params.items())]
     args += [
         f"--trainer.logger.init_args.save_dir={output}",
         f"--trainer.logger.init_args.name=trial_{trial.number:03d}",
@@ -162,16 +139,6 @@ def refusal(err: argparse.ArgumentError) -> str:
     return first_line(" ".join(filter(None, [keys[-1] if keys else lines[0] if lines else "", detail])))
 
 
-def reason(study, trial) -> str:
-    """Why a trial failed: its own record, or the study's for a trial a killed search left running."""
-    return str(trial.user_attrs.get("reason") or study.user_attrs.get(f"reason of trial {trial.number}", ""))
-
-
-def counted(study, trial) -> bool:
-    """Trials that count towards --n-trials: finished ones, except those cut off by an interruption."""
-    return trial.state.is_finished() and not reason(study, trial).startswith(INTERRUPTED)
-
-
 def optimize(study, n_trials: int, space: dict, **kwargs) -> None:
     import optuna
     from optuna.trial import TrialState
@@ -200,41 +167,6 @@ def optimize(study, n_trials: int, space: dict, **kwargs) -> None:
         else:
             study.tell(trial, value)
             print(f"Trial {trial.number}: {kwargs['metric']} {value:.4f} ({time.perf_counter() - started:.0f} s)")
-
-
-def short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def summarize(study, output: Path, metric: str) -> None:
-    """Print the trials as a table; write `<output>/best.yaml`, the best trial's whole config as it ran."""
-    rows = [("#", "state", "value", "seconds", "params", "reason")]
-    for t in study.get_trials(deepcopy=False):
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if counted(study, t) else None
-        params = " ".join(f"{key.rsplit('.', 1)[-1]}={short(v)}" for key, v in t.params.items())
-        value = "" if t.value is None else f"{t.value:.4f}"
-        rows.append((str(t.number), t.state.name.lower(), value, "" if seconds is None else f"{seconds:.0f}", params,
-                     reason(study, t)))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = [("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5]).rstrip() for row in rows]
-    print(f"\nStudy '{study.study_name}': {len(study.trials)} trials\n" + "\n".join(lines))
-    if not any(t.state.name == "COMPLETE" for t in study.trials):
-        return print("No trial has completed yet: no best.yaml")
-    best = study.best_trial
-    source = Path(best.user_attrs.get("log_dir", "")) / "config.yaml"
-    if not source.is_file():
-        return print(f"{source}: not found (the best trial's logs were moved?): no best.yaml")
-    config = yaml.safe_load(source.read_text())
-    logger = (config.get("trainer") or {}).get("logger")
-    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
-        logger["init_args"].update(save_dir="logs", name=f"{study.study_name}-best", version=None)
-    target = output / "best.yaml"
-    params = ", ".join(f"{key}={short(v)}" for key, v in best.params.items())
-    header = (f"# Best trial {best.number} of study '{study.study_name}': {metric} {best.value:.4f}\n"
-              f"# with {params}.\n# Train it: python train.py fit --config {target}\n")  # fmt: skip
-    target.write_text(header + yaml.safe_dump(config, sort_keys=False))
-    print(f"Best: trial {best.number}, {metric} {best.value:.4f}; {best.user_attrs.get('command', '')}")
-    print(f"Its whole config: {target}; train it with: python train.py fit --config {target}")
 
 
 def parse(argv):
@@ -282,10 +214,8 @@ def search(args, passed: list[str]) -> None:
     space = load_space(args.space, base)
     study = optuna.create_study(storage=storage, study_name=args.study_name, direction=args.direction,
                                 load_if_exists=True)  # fmt: skip
-    if study.direction.name.lower() != args.direction:
-        raise UserError(
-            f"study '{args.study_name}' was created to {study.direction.name.lower()}, not {args.direction}"
-        )
+    if (direction := study.direction.name.lower()) != args.direction:
+        raise UserError(f"study '{args.study_name}' was created to {direction}, not {args.direction}")
     # Seeded by the trials so far, so that a resumed search does not draw its first trials' values again.
     study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
     median = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
