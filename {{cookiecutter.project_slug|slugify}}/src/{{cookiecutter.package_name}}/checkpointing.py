@@ -110,7 +110,7 @@ class LastCheckpoint(ModelCheckpoint):
         """Write `path` now (every process calls this; the strategy writes once, through AtomicCheckpointIO)."""
         if trainer.sanity_checking or trainer.fast_dev_run or self.saved_at_step == trainer.global_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: optimizer, loops, callbacks
         self.saved_at_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
