@@ -6,7 +6,7 @@ import csv
 import torch
 from conftest import ROOT, run_train_py
 
-from my_network import MLP
+import my_network
 from {{ cookiecutter.package_name }}.cli import run
 from {{ cookiecutter.package_name }}.export import main as export_main
 from {{ cookiecutter.package_name }}.models import Classifier
@@ -16,7 +16,7 @@ CONFIG = ["--config", str(ROOT / "configs" / "my_network.yaml"), "--trainer.enab
 
 def test_tutorial_mlp_trains_tests_predicts_and_exports(workdir, capsys):
     fit = run(["fit", *CONFIG, "--trainer.max_epochs=6"])
-    assert isinstance(fit.model.backbone[1], MLP) and isinstance(fit.model.backbone[0], torch.nn.Flatten)
+    assert isinstance(fit.model.backbone[1], my_network.MLP) and isinstance(fit.model.backbone[0], torch.nn.Flatten)
     assert float(fit.trainer.callback_metrics["val/acc"]) > 0.85  # 10 classes: chance is 0.1
     best = next((workdir / "logs" / "my_network" / "version_0" / "checkpoints").glob("best*.ckpt"))
     checkpoint = torch.load(best, weights_only=True)  # nothing pickled: the network is a class path
@@ -63,7 +63,7 @@ def test_checkpoint_naming_a_foreign_class_is_refused(workdir):
 
 
 def test_network_built_in_python_is_not_stored_in_hyperparameters():
-    model = Classifier(num_classes=10, input_shape=(1, 8, 8), network=MLP(64, 32, 10))
+    model = Classifier(num_classes=10, input_shape=(1, 8, 8), network=my_network.MLP(64, 32, 10))
     assert "network" not in model.hparams  # a module would not load with weights_only=True
     assert model(torch.rand(5, 1, 8, 8)).shape == (5, 10)
 
@@ -73,7 +73,7 @@ def test_freezing_your_own_network_is_refused():
     from {{ cookiecutter.package_name }}.models import FineTuner
 
     try:
-        FineTuner(num_classes=10, input_shape=(1, 8, 8), network=MLP(64, 32, 10), freeze_backbone=True)
+        FineTuner(num_classes=10, input_shape=(1, 8, 8), network=my_network.MLP(64, 32, 10), freeze_backbone=True)
     except UserError as err:
         assert "freeze_backbone with model.network" in str(err)
     else:
