@@ -4,13 +4,14 @@
     python scripts/kill_resume.py --kills 30 --seed 7 --epochs 3
 
 First an uninterrupted reference run (CPU, deterministic, a small MLP with dropout on small
-synthetic data, last.ckpt every few steps). Then each trial starts the same run, kills it with
-SIGKILL after a random delay (anywhere from start-up to the end of training, so also during
-checkpoint saves), checks that last.ckpt still loads with torch.load(weights_only=True), and
-restarts it with --ckpt_path=last, until a run is not killed before its end; further trials
-follow until `--kills` kills are done, and the last run goes to the end. Each trial's final
-weights must equal the reference's exactly (torch.equal, every tensor), and everything must
-have been logged into one TensorBoard run folder. Prints a table; exits 1 on any failure.
+synthetic data augmented with shifts and random erasing, last.ckpt every few steps). Then each
+trial starts the same run, kills it with SIGKILL after a random delay (anywhere from start-up to
+the end of training, so also during checkpoint saves), checks that last.ckpt still loads with
+torch.load(weights_only=True), and restarts it with --ckpt_path=last, until a run is not killed
+before its end; further trials follow until `--kills` kills are done, and the last run goes to
+the end. Each trial's final weights must equal the reference's exactly (torch.equal, every
+tensor), and everything must have been logged into one TensorBoard run folder. Prints a table;
+exits 1 on any failure.
 """
 
 import argparse
@@ -57,7 +58,8 @@ def fit_command(folder: Path, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable, str(ROOT / "train.py"), "fit", f"--config={folder / 'every.yaml'}",
         f"--data.data_dir={folder / 'data'}", "--data.name=mnist", "--data.download=false", "--data.val_size=100",
-        "--data.batch_size=32", "--model.width=64", "--model.dropout=0.2", f"--trainer.max_epochs={epochs}",
+        "--data.batch_size=32", "--data.translate=2", "--data.erase=0.25", "--model.width=64", "--model.dropout=0.2",
+        f"--trainer.max_epochs={epochs}",
         "--trainer.accelerator=cpu", "--trainer.deterministic=true", "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.logger.init_args.version=run", *extra,

@@ -7,7 +7,8 @@ batch of 64 costs about what one sample would. Because it is still an ordinary
 DataLoader, the Trainer can shard it across processes (DDP) without any code of ours.
 
 Images stay uint8 until they reach the device; `on_after_batch_transfer` turns each batch
-into floats there (pixels / 255, in [0, 1]), which moves a quarter of the bytes of float32.
+into floats there (pixels / 255, in [0, 1]), which moves a quarter of the bytes of float32,
+and augments training batches there when asked (augment.py).
 The normalisation with the training split's mean and std is the model's first layer, not
 the data's: the statistics are computed here (`set_splits`), the model copies them when `fit`
 starts, and its checkpoints and exports carry them.
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError
+from .augment import Augmentation, augment, batch_generator
 
 
 class TensorSamples(Dataset):
@@ -124,6 +126,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self.trained = None  # the checkpoint's model settings, for test/predict (use_trained)
         self.training_subset = TrainingSubset()  # set by limit_training
         self.shuffle_seed, self.resume_at, self.restored_seed = None, {}, None  # see state_dict
+        self.augmentation = Augmentation()  # off; image DataModules set it (augment.py)
+        self.augmented = (None, 0)  # (epoch, training batches augmented in it so far)
 
     def limit_training(self, samples_per_class: int | None, train_fraction: float, seed: int) -> None:
         """Keep only part of the training split (fine-tuning with few labels); val and test stay whole."""
@@ -140,6 +144,7 @@ class InMemoryDataModule(L.LightningDataModule):
             index = labelled_subset(train[1], *subset, self.class_names)
             train = (train[0][index], train[1][index])
         self.splits = {"train": train, "val": val, "test": test}
+        self.augmentation.check(tuple(train[0].shape[1:]))
         x = model_input(train[0])
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 2 else [0]
         self.mean = x.mean(dim=dims, keepdim=True)[0]
@@ -178,8 +183,10 @@ class InMemoryDataModule(L.LightningDataModule):
         # The global seed (seed_everything) picks the orders; a resumed run keeps its checkpoint's.
         self.shuffle_seed = torch.initial_seed() % 2**32 if self.restored_seed is None else self.restored_seed
         # Skipping is for one process; under DDP Lightning shards the sampler's full epoch.
-        single = self.trainer is None or self.trainer.world_size == 1
-        return EpochSampler(n, self.shuffle_seed, self.resume_at if single else {})
+        resumed = self.resume_at if self.trainer is None or self.trainer.world_size == 1 else {}
+        # The batches already trained in a resumed epoch: the augmentation's draws go on after them.
+        self.augmented = next(((epoch, done // self.batch_size) for epoch, done in resumed.items()), (None, 0))
+        return EpochSampler(n, self.shuffle_seed, resumed)
 
     def state_dict(self) -> dict:
         """Saved in checkpoints: the shuffle seed and how far into the epoch training got."""
@@ -231,4 +238,12 @@ class InMemoryDataModule(L.LightningDataModule):
         if isinstance(batch, torch.Tensor):  # the model summary's example input: already the network's input
             return batch
         x, y = batch
-        return model_input(x), y
+        x = model_input(x)
+        if self.augmentation.active and self.trainer is not None and self.trainer.training:
+            epoch, done = self.augmented
+            if epoch != self.trainer.current_epoch:
+                epoch, done = self.trainer.current_epoch, 0
+            self.augmented = (epoch, done + 1)
+            generator = batch_generator(x.device, self.shuffle_seed, epoch, done, self.trainer.global_rank)
+            x = augment(x, self.augmentation, generator)
+        return x, y

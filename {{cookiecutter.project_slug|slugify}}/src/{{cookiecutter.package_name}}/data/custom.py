@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from .augment import Augmentation
 from .batches import InMemoryDataModule, split_indices
 
 SPLITS = ("train", "val", "test")
@@ -227,6 +228,8 @@ class ImageFolderDataModule(FileDataModule):
         train_fraction: train on this fraction of each class's samples (when samples_per_class is null).
         predict_dir: a folder of images (no class folders) that `predict` classifies instead of
             the test images; they are read like the training images (grey or RGB, image_size).
+        translate, flip, erase: augment the training batches (augment.py): random shifts of up to
+            `translate` pixels, left-right mirroring, random erasing with probability `erase`.
     """
 
     def __init__(
@@ -242,10 +245,14 @@ class ImageFolderDataModule(FileDataModule):
         samples_per_class: int | None = None,
         train_fraction: float = 1.0,
         predict_dir: str | None = None,
+        translate: int = 0,
+        flip: bool = False,
+        erase: float = 0.0,
     ):
         super().__init__(val_fraction, test_fraction, batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.limit_training(samples_per_class, train_fraction, seed)
+        self.augmentation = Augmentation(translate, flip, erase)
         self._first = None  # (path, size) of the first image read, to report mixed sizes
 
     def read(self):

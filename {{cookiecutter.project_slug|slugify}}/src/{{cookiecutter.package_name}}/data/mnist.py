@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
+from .augment import Augmentation
 from .batches import InMemoryDataModule, split_indices
 from .idx import download, read_idx
 
@@ -85,6 +86,9 @@ class MNISTDataModule(InMemoryDataModule):
         samples_per_class: train on only this many images per class (a fixed, seeded choice);
             validation and test stay whole. null: all.
         train_fraction: train on this fraction of each class's images (when samples_per_class is null).
+        translate, flip, erase: augment the training batches (augment.py): random shifts of up to
+            `translate` pixels, left-right mirroring (fashion_mnist only: a mirrored digit or
+            character is another sign), and random erasing with probability `erase`. Off by default.
     """
 
     def __init__(
@@ -101,10 +105,17 @@ class MNISTDataModule(InMemoryDataModule):
         classes: list[int] | None = None,
         samples_per_class: int | None = None,
         train_fraction: float = 1.0,
+        translate: int = 0,
+        flip: bool = False,
+        erase: float = 0.0,
     ):
         super().__init__(batch_size, num_workers, on_device)
         self.save_hyperparameters()
         self.info = DATASETS[name]
+        if flip and name != "fashion_mnist":
+            raise UserError(f"flip=true mirrors images, and a mirrored {name} image is another sign: use it for "
+                            "fashion_mnist or your own images, or set --data.flip=false")  # fmt: skip
+        self.augmentation = Augmentation(translate, flip, erase)
         self.limit_training(samples_per_class, train_fraction, seed)
         every = len(self.info["classes"])
         valid = classes is None or (len(set(classes)) == len(classes) >= 2 and all(0 <= c < every for c in classes))
