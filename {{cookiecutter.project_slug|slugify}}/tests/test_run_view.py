@@ -129,6 +129,20 @@ def test_example_batch_has_the_weights_dtype():
     assert example_batch((4,), "bf16-mixed").dtype == torch.float32  # autocast: float32 weights
 
 
+@pytest.mark.parametrize(
+    ("options", "dtype"), [(["--trainer.precision=bf16-true"], torch.bfloat16), (["--model.compile=true"], None)]
+)
+def test_fit_draws_the_summary_in_the_weights_dtype_and_without_forward_under_compile(workdir, options, dtype):
+    # bf16-true: float32 inputs fail in bfloat16 layers (the batches too: they are uint8 until the
+    # transfer); compile: the summary's forward pass would trace the network once more.
+    cli = run(["fit", *SMALL, "--trainer.enable_model_summary=true", "--trainer.fast_dev_run=true", *options])
+    example = cli.model.example_input_array
+    if dtype is None:
+        assert example is None
+    else:
+        assert (example.dtype, tuple(example.shape)) == (dtype, (1, 1, 28, 28))
+
+
 # Every line a default `fit` may print (stdout and stderr): Lightning's lines about the machine and
 # the run, the summary table (drawn by Rich when it is installed, else as text), and ours.
 KNOWN = [

@@ -18,11 +18,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from PIL import Image, ImageDraw, ImageFont
 from torchmetrics import Metric
 
 from .errors import rank_zero_print
 from .internals import tensorboard_file_writer, validation_log_step
+from .models.nets import example_batch
 
 
 def class_names(pl_module, num_classes: int) -> list[str]:
@@ -153,6 +155,12 @@ class LayerTable(ModelSummary):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.hidden = {name for name, module in pl_module.named_children() if isinstance(module, Metric)}
+        example = pl_module.example_input_array
+        if isinstance(example, torch.Tensor):
+            # In the weights' dtype (bf16-true: bfloat16); none under FSDP (the network may run only
+            # through FSDP's wrapper) or compile (it hides the layers).
+            hide = pl_module.hparams.get("compile") or isinstance(trainer.strategy, FSDPStrategy)
+            pl_module.example_input_array = None if hide else example_batch(example.shape[1:], trainer.precision)
         super().on_fit_start(trainer, pl_module)
 
     def summarize(self, summary_data, *args, **kwargs) -> None:

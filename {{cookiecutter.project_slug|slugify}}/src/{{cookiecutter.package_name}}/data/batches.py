@@ -246,4 +246,6 @@ class InMemoryDataModule(L.LightningDataModule):
             self.augmented = (epoch, done + 1)
             generator = batch_generator(x.device, self.shuffle_seed, epoch, done, self.trainer.global_rank)
             x = augment(x, self.augmentation, generator)
+        if self.trainer is not None:  # precision bf16-true, 16-true, 64-true: the weights' dtype (Lightning
+            x = self.trainer.precision_plugin.convert_input(x)  # converted only float batches; ours were uint8)
         return x, y

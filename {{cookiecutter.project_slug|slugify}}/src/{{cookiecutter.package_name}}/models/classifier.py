@@ -1,15 +1,11 @@
-"""The LightningModule: normalisation, a backbone and a linear head, trained with cross-entropy.
-
-Its arguments are plain values (`network`: a class path), so checkpoints load with weights_only=True.
-The data's mean and std are buffers of `normalize`: the model takes raw inputs wherever it runs.
-"""
+"""The LightningModule: normalisation (`nets.Normalize`), a backbone and a linear head, trained with cross-entropy.
+Its arguments are plain values (`network`: a class path), so checkpoints load with weights_only=True."""
 
 from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from .fsdp import clip_gradients
@@ -52,7 +48,7 @@ class Classifier(L.LightningModule):
         self.train_metrics = ClassificationScores(num_classes, "train/", loss_name="loss_epoch")
         self.val_metrics = ClassificationScores(num_classes, "val/", loss_name="loss")
         self.test_metrics = ClassificationScores(num_classes, "test/", loss_name="loss")
-        # The model summary runs this through the network: each layer's shapes and FLOPs.
+        # The model summary (callbacks.LayerTable) runs this through the network: each layer's shapes and FLOPs.
         self.example_input_array = example_batch(input_shape)
         self.checkpoint_step = None  # where on the run's charts the loaded checkpoint was saved
 
@@ -97,7 +93,7 @@ class Classifier(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.log_dict(values, prog_bar=metrics is self.val_metrics, sync_dist=True)
-        if metrics is not self.train_metrics and self.trainer.state.fn != "fit" and self.checkpoint_step is not None:
+        if self.trainer.state.fn != "fit" and self.checkpoint_step is not None:
             # validate/test of a checkpoint: its values go on the run's charts where the weights were saved.
             self.log("step", float(self.checkpoint_step), sync_dist=True)
         if metrics is self.val_metrics:
@@ -128,11 +124,6 @@ class Classifier(L.LightningModule):
         self.checkpoint_step = max(0, checkpoint.get("global_step", 1) - 1)
 
     def setup(self, stage: str) -> None:
-        # The summary's example batch in the weights' dtype (bf16-true: bfloat16); none under FSDP
-        # (the network may run only through FSDP's wrapper) or compile (it hides the layers).
-        hide = self.hparams.get("compile") or isinstance(self.trainer.strategy, FSDPStrategy)
-        if self.example_input_array is not None:
-            self.example_input_array = None if hide else example_batch(self.hparams.input_shape, self.trainer.precision)
         # fit: the training data's statistics (a resumed fit loads its checkpoint's); test, predict: the checkpoint's.
         data = self.trainer.datamodule
         if stage == "fit" and isinstance(self.normalize, Normalize) and getattr(data, "mean", None) is not None:
