@@ -8,11 +8,14 @@ In one process, alternating, each for --epochs epochs and --repeats rounds:
   (a) the classic tutorial loop: DataLoader over a TensorDataset, Adam, CrossEntropyLoss,
       loss.item() every step, an accuracy pass over the validation set each epoch;
   (b) `train.py fit` with the shipped default config (logger, checkpoints, progress bar);
-  (c) `train.py fit` with a bare Trainer (no logger, checkpoints, progress bar or summary).
-Same network, data, batch size and seed. An epoch is timed from its first training batch
-to the start of the next epoch (validation and checkpointing included); the first epoch
-of every run is dropped as warm-up. Then a parity run (Adam-equivalent settings, same seed
-and data order) compares the final training loss, and the start-up cost of
+  (c) the tutorial as a minimal LightningModule (forward, loss, Adam, the accuracy pass) on the
+      tutorial's DataLoaders, in a bare Trainer (no logger, checkpoints, progress bar or summary):
+      Lightning's own share;
+  (d) `train.py fit` with a bare Trainer: our module and data without the run's extras.
+Same network, data, batch size and seed. The three ratios: (b)/(a), (c)/(a) and (b)/(c), ours.
+An epoch is timed from its first training batch to the start of the next epoch (validation and
+checkpointing included); the first epoch of every run is dropped as warm-up. Then a parity run
+(Adam-equivalent settings, same seed and data order) compares the final training loss, and
 `python train.py --help` is compared with `python -c "import lightning"`.
 """
 
@@ -113,6 +116,42 @@ def handwritten(train, val, args, stats, max_steps=None):
     return times, loss_value
 
 
+class Minimal(L.LightningModule):
+    """The tutorial's loop as the smallest LightningModule: the same network, loss, optimizer and accuracy pass."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network, self.correct = network, 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.network(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.correct += (self.network(x).argmax(1) == y).sum().item()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def minimal(train, val, args, stats):
+    """(c): the tutorial's network and DataLoaders in a bare Trainer."""
+    L.seed_everything(args.seed, verbose=False)
+    network = Classifier(input_shape=(1, 28, 28), num_classes=10)
+    network.normalize.set_statistics(*stats)
+    order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    loader = DataLoader(TensorDataset(*train), batch_size=args.batch_size, sampler=order, generator=torch.Generator())
+    val_loader = DataLoader(TensorDataset(*val), batch_size=args.batch_size)
+    timer = EpochTimer()
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=args.epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )  # fmt: skip
+    trainer.fit(Minimal(network), loader, val_loader)
+    return timer.epochs, timer.last_loss
+
+
 def ours(args, extra):
     """`train.py fit` in this process, with an EpochTimer appended to the callbacks."""
     accelerator = "gpu" if args.device == "cuda" else "cpu"
@@ -164,6 +203,7 @@ def main():
     variants = {
         "hand-written loop": lambda: handwritten(train, val, args, stats),
         "fit, default config": lambda: ours(args, QUIET),
+        "minimal, bare Trainer": lambda: minimal(train, val, args, stats),
         "fit, bare Trainer": lambda: ours(args, BARE + ["--trainer.callbacks=[]"]),
     }
     epochs = {name: [] for name in variants}
@@ -192,6 +232,9 @@ def main():
         median = statistics.median(times)
         per_step = median / steps_per_epoch * 1000
         print(f"{name:<22} {median:>14.2f}s {per_step:>8.2f}ms {median / base:>7.3f}")
+    default, lean = statistics.median(epochs["fit, default config"]), statistics.median(epochs["minimal, bare Trainer"])
+    print(f"\nratios: default config / hand-written {default / base:.3f}, minimal LightningModule / hand-written "
+          f"{lean / base:.3f} (Lightning's share), default config / minimal {default / lean:.3f} (ours)")  # fmt: skip
     verdict = "equal to 5 decimals" if round(theirs, 5) == round(mine, 5) else "DIFFERENT"
     print(f"\nparity after {steps} steps: hand-written loss {theirs:.6f}, ours {mine:.6f}: {verdict}")
     print(f"start-up: `train.py --help` {help_time:.2f}s, `import lightning` {lightning_import:.2f}s, "
