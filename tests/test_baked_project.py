@@ -39,10 +39,12 @@ def unexpected_skips(stdout: str) -> list[str]:
 
 def assert_suite_passed(tests: subprocess.CompletedProcess, label: str) -> None:
     """pytest exited 0, its summary line reports passed tests and no failure or error, and
-    nothing was skipped except for want of a GPU (the run must use `-rs`)."""
+    nothing was skipped except for want of a GPU (the run must use `-rfEs`: the FAILED and ERROR
+    lines name what broke even when warnings fill the end of the output)."""
     lines = tests.stdout.strip().splitlines()
     summary = lines[-1] if lines else "(no output)"
-    tail = "\n".join(lines[-40:]) + tests.stderr[-2000:]
+    broken = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    tail = "\n".join(broken + lines[-40:]) + tests.stderr[-2000:]
     assert tests.returncode == 0, f"{label}: {summary}\n{tail}"
     assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
     if " skipped" in summary:
@@ -84,7 +86,7 @@ def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
     assert script.returncode == 0, script.stdout + script.stderr
     assert "fit" in script.stdout
 
-    tests = run([str(python), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"], cwd=project)
+    tests = run([str(python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"], cwd=project)
     assert_suite_passed(tests, "baked project's tests")
 
 
@@ -94,7 +96,7 @@ def test_baked_project_passes_its_slow_tests(bake):
     project = bake(project_name="Digit Lab").project_path
     env = {**os.environ, "PYTHONPATH": str(project / "src")}
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "slow", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-q", "-rfEs", "-m", "slow", "-p", "no:cacheprovider"],
         cwd=project,
         env=env,
         capture_output=True,
@@ -116,7 +118,7 @@ def test_a_skip_for_any_reason_but_a_gpu_fails_the_suite(bake):
     )
     env = {**os.environ, "PYTHONPATH": str(project / "src")}
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_skips.py"],
+        [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/test_skips.py"],
         cwd=project, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert tests.returncode == 0, tests.stdout + tests.stderr
@@ -124,3 +126,15 @@ def test_a_skip_for_any_reason_but_a_gpu_fails_the_suite(bake):
     assert len(found) == 1 and "no_such_extra_module" in found[0], tests.stdout
     with pytest.raises(AssertionError, match="skipped for a reason other than a GPU"):
         assert_suite_passed(tests, "project with a skipped extra")
+
+
+def test_a_failure_is_named_even_when_warnings_fill_the_end_of_the_output():
+    """CI once reported "1 failed" with 40 lines of warnings and no test name."""
+    stdout = "\n".join(
+        ["..F..", "FAILED tests/test_x.py::test_broken - assert 1 == 2"]
+        + [f"  warning line {i}" for i in range(60)]
+        + ["1 failed, 4 passed, 60 warnings in 1.00s"]
+    )
+    failed = subprocess.CompletedProcess(args=["pytest"], returncode=1, stdout=stdout, stderr="")
+    with pytest.raises(AssertionError, match=r"1 failed, 4 passed(.|\n)*FAILED tests/test_x.py::test_broken"):
+        assert_suite_passed(failed, "a suite with a failure")

@@ -65,5 +65,5 @@ def test_fast_tier_passes_on_the_lowest_allowed_versions(bake, tmp_path):
             assert installed[requirement.name.lower()] == floor, (requirement.name, installed[requirement.name.lower()])
     skipped = [f"--ignore=tests/{name}" for name in SAME_ON_EVERY_VERSION]
     assert all((project / "tests" / name).is_file() for name in SAME_ON_EVERY_VERSION)  # none renamed away
-    tests = run([python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *skipped], cwd=project)
+    tests = run([python, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *skipped], cwd=project)
     assert_suite_passed(tests, "fast tier on the lowest versions")

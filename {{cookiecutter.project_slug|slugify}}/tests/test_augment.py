@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import SMALL
+from lightning.pytorch.plugins.precision import Precision
 from test_crash_safety import RUNS, Crash, CrashAt, every_n_steps_config, weights
 
 from {{ cookiecutter.package_name }}.cli import run
@@ -67,7 +68,8 @@ def test_only_training_batches_are_augmented(workdir):
     batch = (dm.splits["train"][0][:32], dm.splits["train"][1][:32])
     plain = batch[0].float() / 255
     for training in (False, True):
-        dm.trainer = SimpleNamespace(training=training, current_epoch=0, global_rank=0)
+        # Precision(): 32-bit, which leaves the batch's dtype as it is (bf16-true would convert it)
+        dm.trainer = SimpleNamespace(training=training, current_epoch=0, global_rank=0, precision_plugin=Precision())
         x, y = dm.on_after_batch_transfer(batch, 0)
         assert torch.equal(y, batch[1]) and torch.equal(x, plain) != training
 
