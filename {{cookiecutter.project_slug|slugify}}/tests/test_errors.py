@@ -43,6 +43,13 @@ CASES = [
     ("wrong-type", ["fit", "--trainer.max_epochs=abc"], None, 2, ["trainer.max_epochs", "abc", "int"]),
     ("unknown-backbone", ["fit", "--model.backbone=resnet"], None, 2, ["backbone", "resnet", "'mlp', 'cnn'"]),
     ("missing-config", ["fit", "--config=nosuch.yaml"], None, 2, ["nosuch.yaml", "does not exist"]),
+    (
+        "lenet-too-deep",  # the shipped digits are 8x8: three 2x2 poolings leave 1x1, four leave nothing
+        ["fit", "--model.backbone=lenet", "--model.depth=4"],
+        None,
+        1,
+        ["backbone 'lenet'", "8x8 images are too small for depth 4"],
+    ),
     ("yaml-syntax", ["fit", "--config=broken.yaml"], broken_yaml, 2, ["parsing config", "flow sequence", "line 3"]),
     (
         "data-offline",

@@ -2,6 +2,7 @@
 overhead benchmark, which must run and show numerical parity with a hand-written loop."""
 
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from {{ cookiecutter.package_name }}.cli import run
 from {{ cookiecutter.package_name }}.data.mnist import MNISTDataModule
+from {{ cookiecutter.package_name }}.models import Classifier
 from {{ cookiecutter.package_name }}.models.metrics import ClassificationScores
 
 
@@ -78,6 +80,22 @@ def test_default_progress_bar_redraws_every_20_steps(workdir):
     assert run(["fit", *SMALL, "--trainer.fast_dev_run=true"]).trainer.progress_bar_callback is None
 
 
+def test_the_optimizer_is_the_fused_adamw_kernel_on_a_cpu(workdir):
+    """A third of the MLP's optimizer step on a CPU (benchmarks/overhead.py, 'minimal, fused Adam')."""
+    [optimizer] = run(["fit", *SMALL, "--trainer.fast_dev_run=true"]).trainer.optimizers
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"] is True
+    assert optimizer.defaults["weight_decay"] == 1e-4
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("16-mixed", None), ("bf16-mixed", True), ("32-true", True)])
+def test_no_fused_kernel_where_a_gradient_scaler_steps(precision, fused):
+    """Under 16-mixed (a GPU without bfloat16), Lightning raises on gradient clipping with a fused optimizer."""
+    model = Classifier()
+    model.trainer = SimpleNamespace(precision=precision, estimated_stepping_batches=10)
+    assert model.configure_optimizers()["optimizer"].defaults["fused"] is fused
+
+
 def test_on_device_keeps_the_data_where_the_trainer_runs(workdir):
     cli = run(["fit", *SMALL, "--data.on_device=true", "--trainer.fast_dev_run=true"])
     assert cli.trainer.state.finished
@@ -109,9 +127,12 @@ def test_overhead_benchmark_runs_and_shows_parity(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout
-    for variant in ("hand-written loop", "fit, default config", "fit, bare Trainer"):
+    for variant in ("hand-written loop", "fit, default config", "minimal, bare Trainer", "fit, bare Trainer",
+                    "minimal, fused Adam"):
         assert variant in table
     assert "equal to 5 decimals" in table
+    assert re.search(r"default config / minimal \d\.\d{3} \(ours\)", table)
+    assert re.search(r"same fused optimizer on both sides: default config / minimal \d\.\d{3}", table)
     assert "start-up: `train.py --help`" in table
 
 

@@ -107,10 +107,10 @@ def test_a_failed_test_keeps_the_earlier_results(workdir, monkeypatch):
 
 @pytest.mark.parametrize(
     ("backbone", "input_shape", "out_features"),
-    [("mlp", (1, 28, 28), 256), ("cnn", (3, 12, 12), 64), ("vit", (1, 28, 28), 256)],
+    [("mlp", (1, 28, 28), 256), ("cnn", (3, 12, 12), 64), ("lenet", (3, 12, 12), 256), ("vit", (1, 28, 28), 256)],
 )
 def test_summary_shows_each_layers_shapes_and_flops(backbone, input_shape, out_features):
-    width = {"mlp": 256, "cnn": 32, "vit": 256}[backbone]
+    width = {"mlp": 256, "cnn": 32, "lenet": 32, "vit": 256}[backbone]
     model = Classifier(num_classes=10, input_shape=input_shape, backbone=backbone, width=width, depth=2)
     summary = summarize(model)
     rows = dict(zip(summary.layer_names, zip(summary.in_sizes, summary.out_sizes)))
@@ -120,6 +120,11 @@ def test_summary_shows_each_layers_shapes_and_flops(backbone, input_shape, out_f
     assert flops["head"] and sum(flops["head"].values()) == 2 * out_features * 10  # a multiply and an add each
     if backbone == "mlp":  # 784 -> 256 -> 256: two matrix products
         assert sum(flops["backbone"].values()) == 2 * (784 * 256 + 256 * 256)
+    if backbone == "lenet":  # 12x12 -> 6x6 (32 channels) -> 3x3 (64 channels), flattened: 576 -> 8 x 32
+        assert [m.out_channels for m in model.backbone if isinstance(m, torch.nn.Conv2d)] == [32, 64]
+        assert [(m.in_features, m.out_features) for m in model.backbone if isinstance(m, torch.nn.Linear)] == [
+            (64 * 3 * 3, 256)
+        ]
     assert summary.total_flops == sum(sum(f.values()) for f in flops.values()) > 0
 
 
