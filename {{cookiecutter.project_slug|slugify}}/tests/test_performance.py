@@ -127,8 +127,13 @@ def test_overhead_benchmark_runs_and_shows_parity(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout
-    for variant in ("hand-written loop", "fit, default config", "minimal, bare Trainer", "fit, bare Trainer",
-                    "minimal, fused Adam"):
+    for variant in (
+        "hand-written loop",
+        "fit, default config",
+        "minimal, bare Trainer",
+        "fit, bare Trainer",
+        "minimal, fused Adam",
+    ):
         assert variant in table
     assert "equal to 5 decimals" in table
     assert re.search(r"default config / minimal \d\.\d{3} \(ours\)", table)
