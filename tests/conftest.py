@@ -1,5 +1,6 @@
 """Shared helpers for the template's tests: bake with pytest-cookies or with the real CLI."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -56,14 +57,19 @@ DEBIAN_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / 
 
 def debian_files() -> Path | None:
     """The folder holding the extracted DEBIAN_PACKAGES, fetched once; None where apt-get or dpkg is missing."""
-    root = DEBIAN_CACHE / "root"
-    done = DEBIAN_CACHE / "done.txt"
-    if done.is_file() and done.read_text().split() == list(DEBIAN_PACKAGES):
-        return root
     if not (shutil.which("apt-get") and shutil.which("dpkg")):
         return None
-    debs = DEBIAN_CACHE / "debs"
-    shutil.rmtree(DEBIAN_CACHE, ignore_errors=True)
+    DEBIAN_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(DEBIAN_CACHE.parent / "debian.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist's workers ask at once: one fetches, the others wait
+        return fetch_debian_packages(DEBIAN_CACHE)
+
+
+def fetch_debian_packages(cache: Path) -> Path:
+    root, done, debs = cache / "root", cache / "done.txt", cache / "debs"
+    if done.is_file() and done.read_text().split() == list(DEBIAN_PACKAGES):
+        return root
+    shutil.rmtree(cache, ignore_errors=True)
     debs.mkdir(parents=True)
     fetched = subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, capture_output=True, text=True)
     if fetched.returncode != 0 and os.geteuid() == 0:  # a new machine may have no package lists yet
