@@ -8,13 +8,15 @@ from conftest import ROOT, run_train_py
 
 import my_network
 from {{ cookiecutter.package_name }}.cli import run
+{%- if cookiecutter.export == "yes" %}
 from {{ cookiecutter.package_name }}.export import main as export_main
+{%- endif %}
 from {{ cookiecutter.package_name }}.models import Classifier
 
 CONFIG = ["--config", str(ROOT / "configs" / "my_network.yaml"), "--trainer.enable_progress_bar=false"]
 
 
-def test_tutorial_mlp_trains_tests_predicts_and_exports(workdir, capsys):
+def test_tutorial_mlp_trains_tests_predicts{% if cookiecutter.export == "yes" %}_and_exports{% endif %}(workdir, capsys):
     fit = run(["fit", *CONFIG, "--trainer.max_epochs=6"])
     assert isinstance(fit.model.backbone[1], my_network.MLP) and isinstance(fit.model.backbone[0], torch.nn.Flatten)
     assert float(fit.trainer.callback_metrics["val/acc"]) > 0.85  # 10 classes: chance is 0.1
@@ -29,11 +31,13 @@ def test_tutorial_mlp_trains_tests_predicts_and_exports(workdir, capsys):
     run(["predict", *CONFIG, "--ckpt_path=best", "--predictions.output=predictions.csv"])
     rows = list(csv.DictReader(open(workdir / "predictions.csv")))
     assert len(rows) == 359 and {row["predicted"] for row in rows} <= {str(d) for d in range(10)}
+{%- if cookiecutter.export == "yes" %}
 
     assert export_main(["--ckpt_path", str(best), "--log_dir", "logs"]) == 0
     program = torch.export.load(best.with_suffix(".pt2")).module()
     x = torch.rand(4, 1, 8, 8)
     assert torch.allclose(program(x), tested.model.eval()(x), atol=1e-5)
+{%- endif %}
 
 
 def test_network_that_does_not_fit_the_data_is_one_error_line(workdir):

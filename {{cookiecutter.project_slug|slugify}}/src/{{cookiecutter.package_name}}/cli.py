@@ -103,34 +103,11 @@ def describe_run(trainer, model) -> str:
     return line + ("; backbone compiled (torch.compile)" if model.hparams.get("compile") else "")
 
 
-def is_text_model(model) -> bool:
-    """Whether the parsed `model` (class_path and init_args) is a TextClassifier."""
-    from .models import TextClassifier
-
+def model_class(model) -> type | None:
+    """The class the parsed `model` names (jsonargparse imported its module while parsing)."""
     module, _, name = str(model.get("class_path", "")).rpartition(".")
-    found = getattr(sys.modules.get(module), name, None)  # jsonargparse imported it while parsing
-    return isinstance(found, type) and issubclass(found, TextClassifier)
-
-
-def prepare_text_run(config) -> None:
-    """What a text model's run needs before anything is built: the `text` extra installed, the
-    data's tokenizer named by the model (unless --data.tokenizer says otherwise), and under FSDP
-    the encoder's transformer layer as the unit of sharding and activation checkpointing."""
-    from .models.text import layer_class
-    from .pretrained import encoder_skeleton, transformers
-
-    transformers()  # one ERROR line with the install command when the extra is missing
-    model, data = config.model.init_args, config.data.get("init_args")
-    if data is not None and "tokenizer" in data and not data.tokenizer:
-        data.tokenizer = model.model_name_or_path
-    strategy = config.trainer.get("strategy")
-    init = getattr(strategy, "init_args", None)
-    if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
-        layer = layer_class(encoder_skeleton(model.model_name_or_path))
-        init.auto_wrap_policy = {layer}
-        if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
-            init.activation_checkpointing_policy = {layer}
-        init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
 
 
 class RunSummary(Callback):
@@ -219,8 +196,10 @@ class CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         setup_hardware(config.trainer)
-        if is_text_model(config.model):
-            prepare_text_run(config)
+        # A model kind may adapt the parsed run before anything is built (its `prepare_run(config)`).
+        prepare = getattr(model_class(config.model), "prepare_run", None)
+        if prepare is not None:
+            prepare(config)
         if self.subcommand == "fit" and config.get("ckpt_path") and config.model.init_args.get("init_from"):
             # A resumed fit takes every weight from its checkpoint: the model's init_from (from the
             # checkpoint's settings) is not read, and its file may be gone.
