@@ -1,6 +1,6 @@
 """Text fine-tuning with a tiny, randomly initialised BERT written by the tests (no network):
 reading CSV / TSV / JSON Lines, encodings, per-batch padding, fit with LoRA and in full, small
-checkpoints, test / predict / export from them, dropout in train mode, FSDP's wrap unit, errors."""
+checkpoints, test / predict{% if cookiecutter.export == "yes" %} / export{% endif %} from them, dropout in train mode, FSDP's wrap unit, errors."""
 
 import csv
 import os
@@ -155,6 +155,7 @@ def test_lora_test_and_predict_rebuild_the_model_from_the_base_folder(lora_run, 
     assert {r["predicted"] for r in rows} <= {"negative", "positive"}
     right = sum(r["predicted"] == r["label"] for r in rows) / len(rows)
     assert abs(right - accuracy) < 1e-6
+{%- if cookiecutter.export == "yes" %}
 
 
 @pytest.mark.parametrize("fmt", ["exported_program", "onnx"])
@@ -187,6 +188,7 @@ def test_export_merges_lora_and_saves_the_tokenizer(lora_run, fmt, capsys):
     assert torch.allclose(got, expected, atol=1e-4)
     names = [n for n, _ in model.inference_network().named_modules()]
     assert not any("lora" in n for n in names)  # merged into the weights
+{%- endif %}
 
 
 def test_full_fine_tune_and_frozen_backbone_checkpoints(tmp_path, bert, monkeypatch):

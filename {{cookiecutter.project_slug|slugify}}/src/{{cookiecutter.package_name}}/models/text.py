@@ -192,7 +192,7 @@ class TextClassifier(FineTuner):
         super().on_load_checkpoint(checkpoint)
 
     def on_predict_start(self) -> None:
-        pass  # the adapters run as trained; export merges them (text_export.py)
+        pass  # the adapters run as trained; inference_network merges them
 
     def inference_network(self) -> nn.Module:
         """A plain module `(input_ids, attention_mask) -> logits`, LoRA merged into the weights."""
