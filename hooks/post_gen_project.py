@@ -38,12 +38,16 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)  # a file two parts own may be gone already
 
 
-for part, paths in PARTS.items():
-    if ANSWERS[part] != "yes":
-        for path in paths:
-            remove(Path(path))
+def main() -> None:
+    for part, paths in PARTS.items():
+        if ANSWERS[part] != "yes":
+            for path in paths:
+                remove(Path(path))
+    if ANSWERS["github_actions"] != "yes":
+        shutil.rmtree(".github")
+    if ANSWERS["license"] == "Proprietary":
+        Path("LICENSE").unlink()
 
-if {{ cookiecutter.github_actions | jsonify }} != "yes":
-    shutil.rmtree(".github")
-if {{ cookiecutter.license | jsonify }} == "Proprietary":
-    Path("LICENSE").unlink()
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ from .errors import (
     read_checkpoint,
     weights_mismatch,
 )
+from .model_options import refused_model_option
 from .models import Classifier
 from .quiet import quiet
 
@@ -339,8 +340,17 @@ def explain(err: BaseException | None) -> str | None:
 
 def main(args=None) -> None:
     """`run`, with user mistakes reported as one ERROR line and exit code 1."""
+    import argparse
+
     try:
-        run(args)
+        run(args, parse_errors_raise=True)
+    except argparse.ArgumentError as err:
+        message = refused_model_option(err)
+        if message is None:
+            run(args)  # parsed again to print the parser's usage and message (exit code 2)
+            raise
+        print_error(message)
+        sys.exit(2)  # as for any option the parser refuses
     except Exception as err:
         message = None if os.environ.get(DEBUG) else explain(err)
         if message is None:
