@@ -126,8 +126,10 @@ PART_FILES = {
         "configs/text_full.yaml", "configs/text_lora.yaml", "benchmarks/text_finetune.py",
         "tests/test_text.py", "tests/test_text_minilm.py", "tests/textdata.py",
     ],
-    "search": ["src/{pkg}/search.py", "src/{pkg}/search_report.py", "configs/search/cnn.yaml", "configs/search/mlp.yaml",
-               "tests/test_search.py"],
+    "search": [
+        "src/{pkg}/search.py", "src/{pkg}/search_report.py", "configs/search/cnn.yaml", "configs/search/mlp.yaml",
+        "tests/test_search.py",
+    ],
     "export": ["src/{pkg}/export.py", "src/{pkg}/text_export.py", "tests/test_export.py", "tests/test_deploy.py"],
     "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
     "doctor": ["src/{pkg}/doctor.py", "tests/test_doctor.py"],
