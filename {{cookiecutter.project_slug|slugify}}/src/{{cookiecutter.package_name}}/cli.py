@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -23,7 +24,6 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
-from .data.batches import InMemoryDataModule
 from .errors import (
     UserError,
     effective_batch_size,
@@ -34,12 +34,15 @@ from .errors import (
     weights_mismatch,
 )
 from .model_options import refused_model_option
-from .models import Classifier
 from .quiet import quiet
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EVALUATIONS = ("validate", "test", "predict")
+# What the data knows and a model needs: each is passed to the model if its constructor has an
+# argument of that name (a model kind declares the facts it receives by naming them), from the
+# DataModule's attribute of the same name. A new kind of fact (e.g. a vocabulary size) is added here.
+DATA_FACTS = ("num_classes", "input_shape", "class_names", "feature_names")
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
 
 
@@ -159,7 +162,7 @@ class CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         self.trained = None  # test/predict from a checkpoint: its model's settings (before_instantiate_classes)
-        for name in ("num_classes", "input_shape", "class_names", "feature_names"):
+        for name in DATA_FACTS:
             value = self._from_data(name)
             parser.link_arguments("data", f"model.init_args.{name}", compute_fn=value, apply_on="instantiate")
         # Callbacks every run has, with their options at the top level: --tensorboard.*, --predictions.*
@@ -282,8 +285,8 @@ def run(args=None, callbacks=(), parse_errors_raise: bool = False, cli_class: ty
     if parse_errors_raise:
         kwargs["exit_on_error"] = False
     return cli_class(
-        Classifier,
-        InMemoryDataModule,
+        L.LightningModule,  # any model kind, chosen by the config's model.class_path
+        L.LightningDataModule,  # any data, chosen by the config's data.class_path
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,
