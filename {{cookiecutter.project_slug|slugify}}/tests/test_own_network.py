@@ -72,6 +72,22 @@ def test_network_built_in_python_is_not_stored_in_hyperparameters():
     assert model(torch.rand(5, 1, 8, 8)).shape == (5, 10)
 
 
+def test_a_network_builder_gets_the_data_shape_and_the_output_count():
+    """A class or function instead of a built module: called with the data's input shape and the number
+    of outputs (a regression's 1 as well as a classifier's classes), then checked like any network."""
+    from {{ cookiecutter.package_name }}.models.nets import own_network
+
+    calls = []
+
+    def builder(input_shape, outputs):
+        calls.append((input_shape, outputs))
+        return my_network.MLP(input_shape[-1] * input_shape[-2], 16, outputs)
+
+    network = own_network(builder, (1, 8, 8), 1)
+    assert calls == [((1, 8, 8), 1)]
+    assert network(torch.rand(3, 1, 8, 8)).shape == (3, 1)  # flattened first: the MLP starts with nn.Linear
+
+
 def test_freezing_your_own_network_is_refused():
     from {{ cookiecutter.package_name }}.errors import UserError
     from {{ cookiecutter.package_name }}.models import FineTuner
