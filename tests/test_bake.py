@@ -68,6 +68,7 @@ EXPECTED_FILES = [
     "src/{pkg}/errors.py",
     "src/{pkg}/export.py",
     "src/{pkg}/internals.py",
+    "src/{pkg}/model_options.py",
     "src/{pkg}/models/__init__.py",
     "src/{pkg}/models/classifier.py",
     "src/{pkg}/models/finetune.py",
