@@ -1,9 +1,53 @@
-"""Remove what the answers turned off."""
+"""Remove what the answers turned off.
 
+PARTS lists each optional part's own files and folders (relative to the project root); a part
+answered "no" loses them all. Files that several parts share (README, pyproject.toml, CI) choose
+their lines with Jinja conditionals instead. A new part adds one entry here and one question in
+cookiecutter.json.
+"""
+
+import json
 import shutil
 from pathlib import Path
 
-if {{ cookiecutter.github_actions | jsonify }} != "yes":
-    shutil.rmtree(".github")
-if {{ cookiecutter.license | jsonify }} == "Proprietary":
-    Path("LICENSE").unlink()
+PKG = "src/{{ cookiecutter.package_name }}"
+
+PARTS = {
+    "text": [
+        f"{PKG}/models/text.py", f"{PKG}/data/text.py", f"{PKG}/pretrained.py", f"{PKG}/text_export.py",
+        "configs/text_full.yaml", "configs/text_lora.yaml", "benchmarks/text_finetune.py",
+        "tests/test_text.py", "tests/test_text_minilm.py", "tests/textdata.py",
+    ],
+    "search": [f"{PKG}/search.py", f"{PKG}/search_report.py", "configs/search", "tests/test_search.py"],
+    "export": [
+        f"{PKG}/export.py", f"{PKG}/text_export.py",
+        "tests/test_export.py", "tests/test_deploy.py",
+    ],
+    "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
+    "doctor": [f"{PKG}/doctor.py", "tests/test_doctor.py"],
+}  # fmt: skip
+
+# Every answer, as cookiecutter holds it (a JSON string literal, so no answer can break this file).
+ANSWERS = json.loads({{ cookiecutter | jsonify | jsonify }})
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)  # a file two parts own may be gone already
+
+
+def main() -> None:
+    for part, paths in PARTS.items():
+        if ANSWERS[part] != "yes":
+            for path in paths:
+                remove(Path(path))
+    if ANSWERS["github_actions"] != "yes":
+        shutil.rmtree(".github")
+    if ANSWERS["license"] == "Proprietary":
+        Path("LICENSE").unlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Baking the template: which files come out, what they say, and that the result lints clean."""
 
 import datetime
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from conftest import relative_files
+from conftest import TEMPLATE, relative_files
 
 # Every file a baked project has, for package `{pkg}`, with the license and the workflow on.
 EXPECTED_FILES = [
@@ -67,6 +68,7 @@ EXPECTED_FILES = [
     "src/{pkg}/errors.py",
     "src/{pkg}/export.py",
     "src/{pkg}/internals.py",
+    "src/{pkg}/model_options.py",
     "src/{pkg}/models/__init__.py",
     "src/{pkg}/models/classifier.py",
     "src/{pkg}/models/finetune.py",
@@ -116,6 +118,35 @@ EXPECTED_FILES = [
     "train.py",
 ]
 
+# The files of each optional part (a cookiecutter question answered "yes" by default): a bake with
+# the part answered "no" has none of them. Written out here, apart from the hook's own table, so
+# that a file the hook forgets (or drops by mistake) fails a test.
+PART_FILES = {
+    "text": [
+        "src/{pkg}/models/text.py", "src/{pkg}/data/text.py", "src/{pkg}/pretrained.py", "src/{pkg}/text_export.py",
+        "configs/text_full.yaml", "configs/text_lora.yaml", "benchmarks/text_finetune.py",
+        "tests/test_text.py", "tests/test_text_minilm.py", "tests/textdata.py",
+    ],
+    "search": [
+        "src/{pkg}/search.py", "src/{pkg}/search_report.py", "configs/search/cnn.yaml", "configs/search/mlp.yaml",
+        "tests/test_search.py",
+    ],
+    "export": ["src/{pkg}/export.py", "src/{pkg}/text_export.py", "tests/test_export.py", "tests/test_deploy.py"],
+    "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
+    "doctor": ["src/{pkg}/doctor.py", "tests/test_doctor.py"],
+}  # fmt: skip
+PARTS = list(PART_FILES)
+ALL_OFF = dict.fromkeys(PARTS, "no")
+
+# Words that only a part's code, configs and documentation use: none may be left in a bake without it.
+PART_WORDS = {
+    "text": ["TextClassifier", "TextDataModule", "pretrained.py", "text_lora", ".[text]", "transformers>="],
+    "search": ["optuna", "search.py", "configs/search", ".[search]"],
+    "export": [".export", "onnx", "export.py", "exported_program"],
+    "cluster": ["slurm.sbatch", "multinode", "torchrun --", "SLURM script"],
+    "doctor": ["doctor"],
+}
+
 LICENSES = ["MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"]
 
 # Phrases only the full text of each license has.
@@ -135,8 +166,9 @@ LICENSE_PHRASES = {
 DEPENDENCIES = {"torch", "lightning", "torchmetrics", "tensorboard", "jsonargparse", "pillow"}
 
 
-def expected_files(package: str, license: str = "MIT", github_actions: str = "yes") -> set[str]:
+def expected_files(package: str, license: str = "MIT", github_actions: str = "yes", off: tuple = ()) -> set[str]:
     files = {path.format(pkg=package) for path in EXPECTED_FILES}
+    files -= {path.format(pkg=package) for part in off for path in PART_FILES[part]}
     if license == "Proprietary":
         files.remove("LICENSE")
     if github_actions == "no":
@@ -293,10 +325,11 @@ def test_github_workflow_is_valid_yaml(bake):
     assert isinstance(workflow, dict) and workflow.get("jobs"), workflow
 
 
-def test_github_workflow_installs_every_extra(bake):
+@pytest.mark.parametrize("parts", [{}, ALL_OFF], ids=["all-on", "all-off"])
+def test_github_workflow_installs_every_extra(bake, parts):
     """Each extra of the project's pyproject.toml has tests; a workflow that leaves one out would
     skip them on every push and stay green. Read from the baked files, so a new extra counts too."""
-    project = bake(github_actions="yes").project_path
+    project = bake(github_actions="yes", **parts).project_path
     extras = set(tomllib.loads((project / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     workflow = yaml.safe_load((project / ".github" / "workflows" / "ci.yml").read_text())
     commands = [line for job in workflow["jobs"].values() for step in job["steps"]
@@ -307,3 +340,49 @@ def test_github_workflow_installs_every_extra(bake):
         found = re.search(r'-e "?\.\[([\w,-]+)\]"?', command)
         assert found, command
         assert set(found[1].split(",")) == extras, command
+
+
+SHAPES = {"all-on": {}, "all-off": ALL_OFF, **{f"no-{part}": {part: "no"} for part in PARTS}}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_each_shape_bakes_exactly_its_files(bake, shape):
+    """Every part on, every part off, and each part alone off: the exact file set, nothing unrendered,
+    and no word of a switched-off part anywhere (README sections, extras, CI lines, tests, imports)."""
+    answers = SHAPES[shape]
+    result = bake(project_name="Digit Lab", **answers)
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    off = tuple(part for part, answer in answers.items() if answer == "no")
+    assert relative_files(project) == expected_files("digit_lab", off=off)
+    assert leftovers(project) == []
+    traces = [
+        f"{path}: {word!r}"
+        for path in sorted(relative_files(project))
+        if not path.endswith(".gz")
+        for part in off
+        for word in PART_WORDS[part]
+        if word in (project / path).read_text(encoding="utf-8")
+    ]
+    assert traces == [], "a switched-off part left a trace:\n" + "\n".join(traces)
+    if shape in ("all-on", "all-off"):
+        for args in (["check"], ["format", "--check"]):
+            linted = ruff(project, *args)
+            assert linted.returncode == 0, f"{shape}: ruff {' '.join(args)}\n{linted.stdout}{linted.stderr}"
+
+
+def test_parts_are_yes_no_questions_with_a_prompt():
+    """Each part is asked like github_actions: yes (the default) or no, with a one-line prompt."""
+    context = json.loads((TEMPLATE / "cookiecutter.json").read_text())
+    for part in PARTS:
+        assert context[part] == ["yes", "no"], part
+        prompt = context["__prompts__"][part]
+        assert prompt and "\n" not in prompt, part
+
+
+def test_the_all_off_core_extras_and_scripts(bake):
+    """Without its parts a project installs only the core: no extra but dev, no doctor command."""
+    project = bake(project_name="Digit Lab", **ALL_OFF).project_path
+    meta = read_pyproject(project)["project"]
+    assert set(meta["optional-dependencies"]) == {"dev"}
+    assert meta["scripts"] == {"digit-lab": "digit_lab.cli:main"}

@@ -113,6 +113,24 @@ def test_baked_project_passes_its_slow_tests(bake):
     assert_suite_passed(tests, "baked project's slow tests")
 
 
+# Every optional part answered "no": the core alone.
+ALL_OFF = {"text": "no", "search": "no", "export": "no", "cluster": "no", "doctor": "no"}
+
+
+@pytest.mark.parametrize("tier", ["fast", "slow"])
+def test_the_core_alone_passes_its_tests(bake, tier):
+    """A bake with every part off runs its own fast and slow tiers from the source folder (no second
+    install: the core's imports are a subset of the full bake's, which the first test installs)."""
+    project = bake(project_name="Digit Lab", **ALL_OFF).project_path
+    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    marker = ["-m", "slow"] if tier == "slow" else []
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rfEs", *marker, "-p", "no:cacheprovider"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert_suite_passed(tests, f"the core's {tier} tests")
+
+
 def test_a_skip_for_any_reason_but_a_gpu_fails_the_suite(bake):
     """The check above is live: a baked project's test that skips because an import failed is
     reported, one that skips for want of a GPU is not."""

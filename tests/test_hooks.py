@@ -1,6 +1,7 @@
 """The pre-generation hook: a bad answer stops the bake with one ERROR line, leaving nothing."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import tomllib
 
 import pytest
 
-from conftest import relative_files
+from conftest import TEMPLATE, relative_files
 
 BAD_SLUGS = ["a/b", "../evil", "Bad Name", "UPPER", "1abc", "a--b", "-ab", "ab-", "a_b", "a.b"]
 
@@ -160,3 +161,33 @@ def test_quotes_backslashes_and_unicode_survive(bake):
         timeout=120,
     )
     assert lint.returncode == 0, lint.stdout
+
+
+def post_gen_parts(package: str) -> dict[str, list[str]]:
+    """The post-generation hook's table of parts, for package `package` (the hook is a Jinja template)."""
+    source = (TEMPLATE / "hooks" / "post_gen_project.py").read_text(encoding="utf-8")
+    source = source.replace("{{ cookiecutter.package_name }}", package)
+    source = source.replace("{{ cookiecutter | jsonify | jsonify }}", repr("{}"))
+    namespace = {"__name__": "post_gen_project"}  # not __main__: nothing is removed
+    exec(compile(source, "post_gen_project.py", "exec"), namespace)
+    return namespace["PARTS"]
+
+
+def test_every_path_of_the_hooks_table_is_in_a_full_bake(bake):
+    """A part's entry that names a moved or renamed file would silently leave the file in place."""
+    project = bake(project_name="Digit Lab").project_path
+    parts = post_gen_parts("digit_lab")
+    context = json.loads((TEMPLATE / "cookiecutter.json").read_text(encoding="utf-8"))
+    assert set(parts) <= set(context), "a part of the hook's table is no question of cookiecutter.json"
+    missing = [f"{part}: {path}" for part, paths in parts.items() for path in paths if not (project / path).exists()]
+    assert missing == [], missing
+
+
+def test_parts_switched_off_on_the_command_line(tmp_path, run_cookiecutter):
+    """The issue's own command: `cookiecutter --no-input . text=no search=no`."""
+    proc = run_cookiecutter(tmp_path, "project_name=Digit Lab", "text=no", "search=no")
+    assert proc.returncode == 0, proc.stderr
+    project = tmp_path / "digit-lab"
+    files = relative_files(project)
+    assert not [path for path in files if "text" in path.rsplit("/", 1)[-1] or "search" in path], files
+    assert {"src/digit_lab/export.py", "src/digit_lab/doctor.py", "scripts/slurm.sbatch"} <= files

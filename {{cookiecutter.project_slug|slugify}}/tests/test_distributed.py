@@ -1,4 +1,4 @@
-"""Several processes, as `python train.py` (or torchrun, or SLURM's srun) starts them.
+"""Several processes, as `python train.py`{% if cookiecutter.cluster == "yes" %} (or torchrun, or SLURM's srun){% endif %} starts them.
 
 Lightning's DDP launcher starts the other processes by running the same command line
 again, so these tests run train.py in subprocesses (from inside pytest it would re-run
@@ -8,14 +8,18 @@ pytest). The `probe.Probe` callback leaves a record per process of what it saw.
 
 import json
 import os
+{%- if cookiecutter.cluster == "yes" %}
 import socket
+{%- endif %}
 import subprocess
+{%- if cookiecutter.cluster == "yes" %}
 import sys
+{%- endif %}
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, run_train_py, write_dataset
+from conftest import ROOT, SMALL, run_train_py{% if cookiecutter.cluster == "yes" %}, write_dataset{% endif %}
 from torch._dynamo.utils import counters
 
 from {{ cookiecutter.package_name }}.cli import run
@@ -125,7 +129,7 @@ def test_ddp_preset_on_two_cpu_processes(workdir):
     ranks = probes(workdir)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["optimizer_steps"] for r in ranks] == [1, 1]
     first, second = (set(r["trained"]) for r in ranks)
-    assert len(first) == len(second) == 128 and not first & second
+    assert len(first) == len(second) == 128 and not first & second{%- if cookiecutter.cluster == "yes" %}
 
 
 def free_port() -> int:
@@ -210,7 +214,7 @@ def test_slurm_script_starts_train_py_under_srun(workdir):
     assert record["cluster_environment"] == "SLURMEnvironment"
     assert record["optimizer_steps"] == 2
     # The run logs into a folder named after the job, which a requeued job (same id) continues.
-    assert (workdir / "logs" / "mnist_cnn" / "slurm-4242" / "checkpoints" / "last.ckpt").is_file()
+    assert (workdir / "logs" / "mnist_cnn" / "slurm-4242" / "checkpoints" / "last.ckpt").is_file(){%- endif %}
 
 
 @pytest.mark.slow

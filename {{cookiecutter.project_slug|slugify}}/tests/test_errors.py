@@ -103,6 +103,19 @@ def test_mistake_is_reported_without_traceback(workdir, args, setup, code, words
     assert not (workdir / MARKER).exists(), "the checkpoint's pickled payload ran"
 
 
+def test_an_option_of_another_model_class_is_one_error_line(workdir):
+    """The plain classifier has no `init_from`: one line names the model class and the config that have it,
+    instead of the parser's dozen lines about Union subtypes."""
+    result = run_train_py("fit", "--model.init_from=x.ckpt", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "ERROR: --model.init_from: the model Classifier has no option 'init_from'; "
+        "it belongs to FineTuner (--config configs/finetune.yaml)"
+    ], result.stderr
+    assert not (workdir / "logs").exists()
+
+
 def test_the_pickled_payload_is_live(tmp_path):
     """The refusal above means something: loading the file unsafely does run the payload."""
     pickled_checkpoint(tmp_path)

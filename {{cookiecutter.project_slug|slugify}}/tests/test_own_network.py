@@ -8,13 +8,15 @@ from conftest import ROOT, run_train_py
 
 import my_network
 from {{ cookiecutter.package_name }}.cli import run
+{%- if cookiecutter.export == "yes" %}
 from {{ cookiecutter.package_name }}.export import main as export_main
+{%- endif %}
 from {{ cookiecutter.package_name }}.models import Classifier
 
 CONFIG = ["--config", str(ROOT / "configs" / "my_network.yaml"), "--trainer.enable_progress_bar=false"]
 
 
-def test_tutorial_mlp_trains_tests_predicts_and_exports(workdir, capsys):
+def test_tutorial_mlp_trains_tests_predicts{% if cookiecutter.export == "yes" %}_and_exports{% endif %}(workdir, capsys):
     fit = run(["fit", *CONFIG, "--trainer.max_epochs=6"])
     assert isinstance(fit.model.backbone[1], my_network.MLP) and isinstance(fit.model.backbone[0], torch.nn.Flatten)
     assert float(fit.trainer.callback_metrics["val/acc"]) > 0.85  # 10 classes: chance is 0.1
@@ -29,11 +31,13 @@ def test_tutorial_mlp_trains_tests_predicts_and_exports(workdir, capsys):
     run(["predict", *CONFIG, "--ckpt_path=best", "--predictions.output=predictions.csv"])
     rows = list(csv.DictReader(open(workdir / "predictions.csv")))
     assert len(rows) == 359 and {row["predicted"] for row in rows} <= {str(d) for d in range(10)}
+{%- if cookiecutter.export == "yes" %}
 
     assert export_main(["--ckpt_path", str(best), "--log_dir", "logs"]) == 0
     program = torch.export.load(best.with_suffix(".pt2")).module()
     x = torch.rand(4, 1, 8, 8)
     assert torch.allclose(program(x), tested.model.eval()(x), atol=1e-5)
+{%- endif %}
 
 
 def test_network_that_does_not_fit_the_data_is_one_error_line(workdir):
@@ -66,6 +70,22 @@ def test_network_built_in_python_is_not_stored_in_hyperparameters():
     model = Classifier(num_classes=10, input_shape=(1, 8, 8), network=my_network.MLP(64, 32, 10))
     assert "network" not in model.hparams  # a module would not load with weights_only=True
     assert model(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+
+
+def test_a_network_builder_gets_the_data_shape_and_the_output_count():
+    """A class or function instead of a built module: called with the data's input shape and the number
+    of outputs (a regression's 1 as well as a classifier's classes), then checked like any network."""
+    from {{ cookiecutter.package_name }}.models.nets import own_network
+
+    calls = []
+
+    def builder(input_shape, outputs):
+        calls.append((input_shape, outputs))
+        return my_network.MLP(input_shape[-1] * input_shape[-2], 16, outputs)
+
+    network = own_network(builder, (1, 8, 8), 1)
+    assert calls == [((1, 8, 8), 1)]
+    assert network(torch.rand(3, 1, 8, 8)).shape == (3, 1)  # flattened first: the MLP starts with nn.Linear
 
 
 def test_freezing_your_own_network_is_refused():

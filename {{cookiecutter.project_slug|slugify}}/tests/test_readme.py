@@ -144,15 +144,18 @@ def layout(text: str) -> dict[str, int]:
     return {path: int(count) for path, count in rows}
 
 
-def test_layout_gives_every_source_file_and_its_line_count():
-    """What a sitting costs: every Python file of the project's code with its true length, in both READMEs."""
+def test_layout_gives_every_source_file_and_its_rough_size():
+    """What a sitting costs: every Python file of the project's code, in both READMEs, with a size that is
+    roughly right (within half to double: an edit does not need a README change, a rewrite does)."""
     english, chinese = (layout((ROOT / name).read_text(encoding="utf-8")) for name in READMES)
     assert english == chinese
     code = {p.relative_to(ROOT).as_posix() for p in (ROOT / "src").rglob("*.py")} | {"train.py", "my_network.py"}
     assert code <= set(english), f"files missing from the Layout: {sorted(code - set(english))}"
+    missing = sorted(path for path in english if not (ROOT / path).is_file())
+    assert missing == [], f"the Layout names files that do not exist: {missing}"
     wrong = {
-        path: (count, len((ROOT / path).read_text(encoding="utf-8").splitlines()))
+        path: (count, actual)
         for path, count in english.items()
-        if len((ROOT / path).read_text(encoding="utf-8").splitlines()) != count
+        if not count / 2 <= (actual := len((ROOT / path).read_text(encoding="utf-8").splitlines())) <= count * 2 + 5
     }
-    assert wrong == {}, f"(README, actual) line counts: {wrong}"
+    assert wrong == {}, f"(README, actual) line counts far apart: {wrong}"

@@ -1,11 +1,14 @@
 """The hardware recipes that run in one process on a CPU: the presets in configs/trainer/,
 the GPU settings (with the GPU faked), gradient accumulation and clipping, compile's
 checkpoint keys, and the README's table of recipes. Multi-process runs: test_distributed.py."""
-
+{% if cookiecutter.cluster == "yes" %}
 import os
+{%- endif %}
 import re
 import shlex
+{%- if cookiecutter.cluster == "yes" %}
 import subprocess
+{%- endif %}
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ def summary_lines(out: str) -> list[str]:
 
 def test_every_preset_sets_only_trainer_options():
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    assert names == ["cpu", "ddp", "fsdp", "gpu", "multinode"]
+    assert names == ["cpu", "ddp", "fsdp", "gpu"{% if cookiecutter.cluster == "yes" %}, "multinode"{% endif %}]
     for name in names:
         config = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
         assert list(config) == ["trainer"], name
@@ -242,8 +245,9 @@ def readme_recipes() -> list[tuple[str, str, str]]:
 
 
 def train_py_args(command: str, tmp_path) -> list[str]:
-    """The options a recipe gives train.py: after `train.py`, or those the SLURM script passes to srun."""
+    """The options a recipe gives train.py: after `train.py`{% if cookiecutter.cluster == "yes" %}, or those the SLURM script passes to srun{% endif %}."""
     args = shlex.split(command)
+{%- if cookiecutter.cluster == "yes" %}
     if args[0] != "sbatch":
         return args[args.index("train.py") + 1 :]
     assert args[1:] == ["scripts/slurm.sbatch"], command
@@ -256,6 +260,9 @@ def train_py_args(command: str, tmp_path) -> list[str]:
     started = subprocess.run(["bash", "scripts/slurm.sbatch"], env=env, capture_output=True, text=True, check=True)
     words = started.stdout.splitlines()
     return words[words.index("train.py") + 1 :]
+{%- else %}
+    return args[args.index("train.py") + 1 :]
+{%- endif %}
 
 
 def test_readme_recipes_parse_and_promise_consistent_lines(monkeypatch, tmp_path, capsys):

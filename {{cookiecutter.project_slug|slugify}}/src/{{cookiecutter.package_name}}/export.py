@@ -197,10 +197,12 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
     if batch_size < 1:
         raise UserError(f"--batch_size={batch_size}: give at least 1")
     checkpoint = resolve_checkpoint(ckpt_path, Path(log_dir))
+{%- if cookiecutter.text == "yes" %}
     from .text_export import export_text, is_text_checkpoint
 
     if is_text_checkpoint(checkpoint):  # a TextClassifier: two inputs, and its tokenizer beside the file
         return export_text(checkpoint, fmt, Path(output or checkpoint.with_suffix(FORMATS[fmt])), batch_size, tolerance)
+{%- endif %}
     from .models import Classifier
 
     model = load_model(Classifier, checkpoint, compile=False)

@@ -3,10 +3,12 @@
 Each one has no public equivalent today. They live here so that an upgrade that moves one breaks
 in one place, and tests/test_internals.py fails with the name that changed.
 """
+{%- if cookiecutter.export == "yes" %}
 
 # export.py lowers this logger while exporting to ONNX: it prints "torchvision is not installed"
 # on every export, a line about a package this project deliberately does not use.
 ONNX_REGISTRATION = "torch.onnx._internal.exporter._registration"
+{%- endif %}
 
 
 def tensorboard_file_writer(logger):

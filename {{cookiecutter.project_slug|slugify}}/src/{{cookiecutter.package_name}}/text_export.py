@@ -41,7 +41,7 @@ def load_text_model(path: Path):
     """The TextClassifier of checkpoint `path`, on the CPU, in eval mode: rebuilt from the base
     model's folder (`model_name_or_path`), then given the checkpoint's weights."""
     from .export import load_model
-    from .models import TextClassifier
+    from .models.text import TextClassifier
 
     return load_model(TextClassifier, path)
 

@@ -1,5 +1,4 @@
 from .classifier import Classifier
 from .finetune import FineTuner
-from .text import TextClassifier
 
-__all__ = ["Classifier", "FineTuner", "TextClassifier"]
+__all__ = ["Classifier", "FineTuner"]

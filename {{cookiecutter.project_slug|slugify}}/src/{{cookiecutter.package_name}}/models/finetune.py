@@ -91,7 +91,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 def is_adapter(name: str) -> bool:
-    """Whether a parameter or buffer name belongs to a LoRA adapter (ours, or peft's in text models)."""
+    """Whether a parameter or buffer name belongs to a LoRA adapter (ours, or peft's)."""
     parts = name.split(".")
     return parts[-1] in ADAPTER_KEYS or "lora_A" in parts or "lora_B" in parts
 
@@ -223,7 +223,7 @@ class FineTuner(Classifier):
         return normalize, backbone, head
 
     def add_adapters(self, backbone: nn.Module) -> nn.Module:
-        """`backbone` with LoRA adapters of rank `lora_rank` (the text model uses peft's instead)."""
+        """`backbone` with LoRA adapters of rank `lora_rank` (a subclass may use peft's instead)."""
         if not add_lora(backbone, self.hparams.lora_rank, self.hparams.lora_alpha):
             raise UserError(
                 f"lora_rank={self.hparams.lora_rank}: backbone {self.hparams.get('backbone')!r} has no Linear "

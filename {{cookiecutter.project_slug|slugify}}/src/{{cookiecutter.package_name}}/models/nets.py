@@ -176,12 +176,18 @@ def build_backbone(
     return BACKBONES[name](tuple(input_shape), width, depth, dropout, **extra)
 
 
-def own_network(network: nn.Module, input_shape, num_classes: int) -> nn.Module:
+def own_network(network, input_shape, num_classes: int) -> nn.Module:
     """A user's network (README, "Bring your own network"), checked on one example batch.
+
+    `network` is a ready `nn.Module`, or a class or function that builds one when called as
+    `network(input_shape, num_classes)` (the data's input shape and the number of outputs: 1 for a
+    regression). Every LightningModule of the project builds its injected network here.
 
     A network whose first layer is an `nn.Linear` (a tutorial's MLP) is given flat inputs:
     images of (channels, height, width) are flattened first, as the built-in MLP does.
     """
+    if not isinstance(network, nn.Module):
+        network = network(tuple(input_shape), num_classes)
     first = next((m for m in network.modules() if not list(m.children())), None)
     if isinstance(first, nn.Linear) and len(input_shape) > 1:
         network = nn.Sequential(nn.Flatten(), network)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..pretrained import load_encoder
+from ..pretrained import encoder_skeleton, load_encoder, transformers
 from .finetune import FineTuner, is_adapter
 
 # Lightning lists every pretrained weight a small checkpoint leaves out; on_load_checkpoint
@@ -130,6 +130,25 @@ class TextClassifier(FineTuner):
         # built from them, and on_load_checkpoint checks that nothing else is missing.
         self.strict_loading = False
 
+    @staticmethod
+    def prepare_run(config) -> None:
+        """Called by the CLI once the run is parsed, before anything is built: the `text` extra
+        installed, the data's tokenizer named by the model (unless --data.tokenizer says otherwise),
+        and under FSDP the encoder's transformer layer as the unit of sharding and activation
+        checkpointing."""
+        transformers()  # one ERROR line with the install command when the extra is missing
+        model, data = config.model.init_args, config.data.get("init_args")
+        if data is not None and "tokenizer" in data and not data.tokenizer:
+            data.tokenizer = model.model_name_or_path
+        strategy = config.trainer.get("strategy")
+        init = getattr(strategy, "init_args", None)
+        if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
+            layer = layer_class(encoder_skeleton(model.model_name_or_path))
+            init.auto_wrap_policy = {layer}
+            if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
+                init.activation_checkpointing_policy = {layer}
+            init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
+
     def build_network(self, network=None):
         h = self.hparams
         encoder = load_encoder(h.model_name_or_path)
@@ -173,7 +192,7 @@ class TextClassifier(FineTuner):
         super().on_load_checkpoint(checkpoint)
 
     def on_predict_start(self) -> None:
-        pass  # the adapters run as trained; export merges them (text_export.py)
+        pass  # the adapters run as trained; inference_network merges them
 
     def inference_network(self) -> nn.Module:
         """A plain module `(input_ids, attention_mask) -> logits`, LoRA merged into the weights."""
