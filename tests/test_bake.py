@@ -23,6 +23,7 @@ EXPECTED_FILES = [
     "README.zh-CN.md",
     "benchmarks/finetune.py",
     "benchmarks/overhead.py",
+    "benchmarks/serve.py",
     "benchmarks/text_finetune.py",
     "configs/custom_csv.yaml",
     "configs/custom_images.yaml",
@@ -78,11 +79,14 @@ EXPECTED_FILES = [
     "src/{pkg}/pretrained.py",
     "src/{pkg}/quiet.py",
     "src/{pkg}/search.py",
+    "src/{pkg}/serve.py",
     "src/{pkg}/search_report.py",
     "src/{pkg}/text_export.py",
     "src/{pkg}/tuning.py",
     "tests/conftest.py",
     "tests/probe.py",
+    "tests/serving.py",
+    "tests/standin.py",
     "tests/test_augment.py",
     "tests/test_cli.py",
     "tests/test_crash_safety.py",
@@ -107,6 +111,8 @@ EXPECTED_FILES = [
     "tests/test_recipes.py",
     "tests/test_run_view.py",
     "tests/test_search.py",
+    "tests/test_serve.py",
+    "tests/test_serve_generate.py",
     "tests/test_tensorboard.py",
     "tests/test_text.py",
     "tests/test_text_minilm.py",
@@ -135,8 +141,15 @@ LICENSE_PHRASES = {
 DEPENDENCIES = {"torch", "lightning", "torchmetrics", "tensorboard", "jsonargparse", "pillow"}
 
 
-def expected_files(package: str, license: str = "MIT", github_actions: str = "yes") -> set[str]:
-    files = {path.format(pkg=package) for path in EXPECTED_FILES}
+# The serve part's files (the `serve` question): its command, benchmark and tests.
+SERVE_FILES = {
+    "src/{pkg}/serve.py", "benchmarks/serve.py",
+    "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",
+}  # fmt: skip
+
+
+def expected_files(package: str, license: str = "MIT", github_actions: str = "yes", serve: str = "yes") -> set[str]:
+    files = {path.format(pkg=package) for path in EXPECTED_FILES if serve == "yes" or path not in SERVE_FILES}
     if license == "Proprietary":
         files.remove("LICENSE")
     if github_actions == "no":
@@ -233,6 +246,23 @@ def test_license_text_matches_the_choice(bake, license):
         for year in {year_before, year_after}
     ), copyright_lines
     assert read_pyproject(result.project_path)["project"]["license"] == license
+
+
+def test_without_serve_no_trace_of_the_part_is_left(bake):
+    """serve=no: the part's files, its extra, its client, its CI install and its README sections are gone,
+    and the project still lints clean; serve=yes has them."""
+    result = bake(project_name="Digit Lab", serve="no")
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    assert relative_files(project) == expected_files("digit_lab", serve="no")
+    assert leftovers(project) == []
+    extras = read_pyproject(project)["project"]["optional-dependencies"]
+    assert "serve" not in extras and not any(line.startswith("httpx") for line in extras["dev"])
+    for name in ("README.md", "README.zh-CN.md", ".github/workflows/ci.yml"):
+        assert not re.search(r"\bserve\b", (project / name).read_text(encoding="utf-8")), name
+    assert ruff(project, "check").returncode == 0
+    served = read_pyproject(bake(project_name="Digit Lab").project_path)["project"]["optional-dependencies"]
+    assert served["serve"] == ["litserve>=0.2.19"] and "httpx>=0.29" in served["dev"]
 
 
 def test_proprietary_has_no_license_file_or_field(bake):

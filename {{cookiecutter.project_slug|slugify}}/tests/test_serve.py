@@ -180,7 +180,8 @@ def test_a_table_model_reads_named_features_and_answers_as_predict(tmp_path, mon
     HTTP process, then a worker's batch through the model."""
     monkeypatch.chdir(tmp_path)
     table = write_table(tmp_path / "table.csv")
-    run(["fit", "--config", str(ROOT / "configs" / "custom_csv.yaml"), f"--data.path={table}", "--trainer.max_epochs=2", *QUIET])
+    config = str(ROOT / "configs" / "custom_csv.yaml")
+    run(["fit", "--config", config, f"--data.path={table}", "--trainer.max_epochs=2", *QUIET])
     best = next(tmp_path.glob("logs/custom_csv/version_0/checkpoints/best.ckpt"))
     args = serve.parse(["--ckpt_path", str(best), "--max_batch_size", "4"])
     api = serve.build_api(args)
@@ -210,9 +211,9 @@ def test_a_checkpoint_of_an_unknown_model_is_refused_in_one_line(tmp_path, capsy
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "lightning.LightningModule"}}, path)
     assert serve.main(["--ckpt_path", str(path)]) == 1
+    known = ", ".join(serve.KINDS)
     assert capsys.readouterr().err.strip() == (
-        f"ERROR: --ckpt_path={path}: lightning.LightningModule cannot be served; serve knows "
-        + ", ".join(serve.KINDS)
+        f"ERROR: --ckpt_path={path}: lightning.LightningModule cannot be served; serve knows {known}"
     )
 
 

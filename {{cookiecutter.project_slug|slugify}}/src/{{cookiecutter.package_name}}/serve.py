@@ -37,6 +37,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,13 +60,12 @@ try:
 except ImportError as err:  # the command without the extra: one line, no traceback
     raise SystemExit(print_error(f"serving needs LitServe and FastAPI ({first_line(err)}): {SERVE_EXTRA}")) from None
 
+# LitServe warns that batch() and unbatch() go unused when a server runs with --max_batch_size 1.
+warnings.filterwarnings("ignore", message="The LitServer has both batch and unbatch methods implemented")
+
 # The LitAPI of the running server, in the HTTP processes: the request models below check and
 # convert bodies with it. main() sets it before LitServe forks those processes (they inherit it).
 SERVED = None
-
-
-def bad_request(message: str, status: int = 422) -> "HTTPException":
-    return HTTPException(status_code=status, detail=message)
 
 
 # ----------------------------------------------------------------------------------- requests
@@ -108,6 +108,8 @@ class ServedAPI(ls.LitAPI):
     """What every kind shares: built in the main process from the checkpoint's settings (cheap,
     checked, and inherited by the HTTP processes), the weights loaded by `setup` in each worker."""
 
+    workers_per_device = 1
+
     def __init__(self, checkpoint: Path, hparams: dict, **batching):
         super().__init__(**batching)
         self.checkpoint, self.hparams = str(checkpoint), hparams
@@ -122,7 +124,7 @@ class ClassifierAPI(ServedAPI):
 
     def __init__(self, checkpoint: Path, hparams: dict, **batching):
         super().__init__(checkpoint, hparams, **batching)
-        self.check_model()  # a wrong or broken checkpoint: one ERROR line now, not a worker's traceback
+        self.load()  # a wrong or broken checkpoint: one ERROR line now, not a worker's traceback
         self.names = [str(n) for n in hparams.get("class_names") or range(int(hparams.get("num_classes") or 0))]
         self.shape = tuple(hparams.get("input_shape") or (1, 28, 28))
         self.features = hparams.get("feature_names")
@@ -134,9 +136,6 @@ class ClassifierAPI(ServedAPI):
 
         return load_model(Classifier, Path(self.checkpoint), compile=False).to(device)
 
-    def check_model(self) -> None:
-        self.load()
-
     def describe(self) -> str:
         what = f"an image of {'x'.join(map(str, self.shape))}" if self.field == "image" else "features"
         return f"POST /predict with {what} -> {len(self.names)} classes"
@@ -146,7 +145,9 @@ class ClassifierAPI(ServedAPI):
     def read(self, request: ClassifyRequest) -> np.ndarray:
         given = [name for name in ("image", "features", "text") if getattr(request, name) is not None]
         if given != [self.field]:
-            raise ValueError(f"send the field {self.field!r}: this model classifies {self.field}s; got {given or 'none'}")
+            raise ValueError(
+                f"send the field {self.field!r}: this model classifies {self.field}s; got {given or 'none'}"
+            )
         return self.convert(getattr(request, self.field))
 
     def convert(self, value) -> np.ndarray:
@@ -173,8 +174,8 @@ class ClassifierAPI(ServedAPI):
     def setup(self, device: str) -> None:
         import torch
 
-        if device == "cpu" and (workers := int(os.environ.get("SERVE_WORKERS_PER_DEVICE", "1"))) > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # workers share the cores
+        if device == "cpu" and self.workers_per_device > 1:  # the workers share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers_per_device))
         self.model = self.load(device).eval()
         self.model.on_predict_start()  # e.g. merges LoRA adapters, as `predict` does
         self.torch, self.device_name = torch, device
@@ -269,7 +270,8 @@ class GenerativeAPI(ServedAPI):
 
     def generator_budget(self, prompt: Prompt, max_tokens: int | None) -> int:
         """`max_tokens`, or the rest of the context when None; a ValueError when the prompt does not fit."""
-        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        text = prompt if isinstance(prompt, str) else "".join(str(m.get("content") or "") for m in prompt)
+        if not text.strip():
             raise ValueError("the prompt is empty")
         used, context = self.generator.count_tokens(prompt), self.generator.context_length
         budget = context - used if max_tokens is None else max_tokens
@@ -309,7 +311,7 @@ class CheckedOpenAISpec(OpenAISpec):
         try:
             SERVED.check_chat(request)
         except ValueError as err:
-            raise bad_request(str(err), 400) from None
+            raise HTTPException(400, str(err)) from None
         return await super().chat_completion(request, background_tasks)
 
 
@@ -472,7 +474,7 @@ async def invalid_request(request, err: "RequestValidationError"):
         problems.append(f"{where}: {message}" if where and e.get("type") != "value_error" else message)
     status = 400 if any(e.get("type") == "json_invalid" for e in err.errors()) else 422
     if status == 400:
-        problems = ["malformed JSON: the body is not valid JSON; send an object such as {\"image\": \"...\"}"]
+        problems = ['malformed JSON: the body is not valid JSON; send an object such as {"image": "..."}']
     return JSONResponse({"detail": "; ".join(problems)}, status_code=status)
 
 
@@ -535,7 +537,7 @@ def serve(args) -> None:
     global SERVED
     check_options(args)
     SERVED = api = build_api(args)
-    os.environ["SERVE_WORKERS_PER_DEVICE"] = str(args.workers_per_device)  # read by the workers (spawned)
+    api.workers_per_device = args.workers_per_device
     server = ls.LitServer(
         api,
         accelerator=args.accelerator,
@@ -543,7 +545,7 @@ def serve(args) -> None:
         middlewares=[(Guard, {"api_key": args.api_key, "max_bytes": int(args.max_body_mb * 2**20)})],
     )
     server.app.add_exception_handler(RequestValidationError, invalid_request)
-    print(f"Serving {Path(api.checkpoint)} at http://{args.host}:{args.port}: {api.describe()}, GET /health", flush=True)
+    print(f"Serving {api.checkpoint} at http://{args.host}:{args.port}: {api.describe()}; GET /health", flush=True)
     stop_on_sigterm()
     try:
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
