@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from {{ cookiecutter.package_name }}.data import MNISTDataModule  # noqa: E402
 from {{ cookiecutter.package_name }}.export import load_model, resolve_checkpoint  # noqa: E402
 from {{ cookiecutter.package_name }}.models import Classifier  # noqa: E402
+from {{ cookiecutter.package_name }}.serve import cpu_threads  # noqa: E402
 
 
 def png(pixels: np.ndarray) -> str:
@@ -98,7 +99,9 @@ async def load(url: str, bodies: list[dict], clients: int, seconds: float) -> tu
 
 
 def ceiling(model, images: torch.Tensor, batch_size: int, seconds: float) -> float:
-    """Samples per second of `predict_step` on the decoded images, in batches of `batch_size`."""
+    """Samples per second of `predict_step` on the decoded images, in batches of `batch_size`, with
+    as many threads as the server's worker."""
+    torch.set_num_threads(cpu_threads(1))
     x = images.float() / 255
     batches = [x[i : i + batch_size] for i in range(0, len(x) - batch_size + 1, batch_size)] or [x]
     done, begin = 0, time.perf_counter()

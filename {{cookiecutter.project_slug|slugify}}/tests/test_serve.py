@@ -228,3 +228,38 @@ def test_images_are_read_as_training_reads_them():
     Image.fromarray(grey).save(jpeg, format="JPEG", quality=95)
     decoded = serve.read_image(base64.b64encode(jpeg.getvalue()).decode(), (1, 8, 8))
     assert np.abs(decoded[0].astype(int) - grey).max() < 16  # JPEG is lossy, but it is read
+
+
+def test_a_text_model_tokenises_as_training_and_answers_as_predict(tmp_path, monkeypatch):
+    """The text classifier's side, in this process: its tokenizer in the HTTP process, texts of
+    different lengths in one batch, the same probabilities as the model on each text alone."""
+    pytest.importorskip("transformers", reason="the text extra is not installed: pip install -e '.[text]'")
+    from textdata import write_texts, write_tiny_bert
+
+    from {{ cookiecutter.package_name }}.data import TextDataModule
+    from {{ cookiecutter.package_name }}.models import TextClassifier
+
+    monkeypatch.chdir(tmp_path)
+    bert = write_tiny_bert(tmp_path / "tiny-bert")
+    config, data = str(ROOT / "configs" / "text_lora.yaml"), write_texts(tmp_path / "texts.csv", 40)
+    run(["fit", "--config", config, f"--model.model_name_or_path={bert}", f"--data.path={data}",
+         "--data.max_length=16", "--trainer.max_epochs=1", *QUIET])  # fmt: skip
+    best = next(tmp_path.glob("logs/*/version_0/checkpoints/best.ckpt"))
+    api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", "4"]))
+    assert isinstance(api, serve.TextClassifierAPI)
+    monkeypatch.setattr(serve, "SERVED", api)
+    texts = ["good", "the film was so very lovely and the food was fine", "awful day " * 20]  # the last is cut
+    inputs = [serve.ClassifyRequest(text=text)._input for text in texts]
+    for given, words in [({"text": " "}, "text: empty"), ({"image": "iVBOR"}, "send the field 'text'")]:
+        with pytest.raises(ValidationError, match=words):
+            serve.ClassifyRequest(**given)
+    api.setup("cpu")
+    answers = [api.encode_response(p) for p in api.unbatch(api.predict(api.batch(inputs)))]
+    model = load_model(TextClassifier, best)
+    data = TextDataModule(tokenizer=str(bert), max_length=16)
+    for answer, x in zip(answers, data.encode(texts)):
+        alone, _ = data.on_after_batch_transfer((x[None], None), 0)  # cut as `predict` cuts it
+        with torch.no_grad():
+            p = model.predict_step((alone,), 0)[0]
+        assert answer["class"] == model.hparams.class_names[int(p.argmax())]
+        assert list(answer["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
