@@ -7,6 +7,7 @@ import base64
 import csv
 import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,14 +176,29 @@ def test_all_interfaces_without_a_key_warn_and_mistakes_are_one_line(capsys, tmp
     assert "--host=192.168.1.1: give 127.0.0.1" in capsys.readouterr().err
 
 
+def train_table(folder: Path) -> Path:
+    """A table classifier (three features x1..x3, classes a, b, c) trained in `folder` (the working directory)."""
+    config, table = str(ROOT / "configs" / "custom_csv.yaml"), write_table(folder / "table.csv")
+    run(["fit", "--config", config, f"--data.path={table}", "--trainer.max_epochs=2", *QUIET])
+    return next(folder.glob("logs/custom_csv/version_0/checkpoints/best.ckpt"))
+
+
+def train_text(folder: Path) -> tuple[Path, Path]:
+    """A text classifier on a tiny BERT, trained in `folder` (the working directory): (checkpoint, model folder)."""
+    from textdata import write_texts, write_tiny_bert
+
+    bert = write_tiny_bert(folder / "tiny-bert")
+    config, data = str(ROOT / "configs" / "text_lora.yaml"), write_texts(folder / "texts.csv", 40)
+    run(["fit", "--config", config, f"--model.model_name_or_path={bert}", f"--data.path={data}",
+         "--data.max_length=16", "--trainer.max_epochs=1", *QUIET])  # fmt: skip
+    return next(folder.glob("logs/*/version_0/checkpoints/best.ckpt")), bert
+
+
 def test_a_table_model_reads_named_features_and_answers_as_predict(tmp_path, monkeypatch):
     """The table classifier's side of the contract, in this process: the request model of the
     HTTP process, then a worker's batch through the model."""
     monkeypatch.chdir(tmp_path)
-    table = write_table(tmp_path / "table.csv")
-    config = str(ROOT / "configs" / "custom_csv.yaml")
-    run(["fit", "--config", config, f"--data.path={table}", "--trainer.max_epochs=2", *QUIET])
-    best = next(tmp_path.glob("logs/custom_csv/version_0/checkpoints/best.ckpt"))
+    best = train_table(tmp_path)
     args = serve.parse(["--ckpt_path", str(best), "--max_batch_size", "4"])
     api = serve.build_api(args)
     monkeypatch.setattr(serve, "SERVED", api)
@@ -234,17 +250,11 @@ def test_a_text_model_tokenises_as_training_and_answers_as_predict(tmp_path, mon
     """The text classifier's side, in this process: its tokenizer in the HTTP process, texts of
     different lengths in one batch, the same probabilities as the model on each text alone."""
     pytest.importorskip("transformers", reason="the text extra is not installed: pip install -e '.[text]'")
-    from textdata import write_texts, write_tiny_bert
-
     from {{ cookiecutter.package_name }}.data import TextDataModule
     from {{ cookiecutter.package_name }}.models import TextClassifier
 
     monkeypatch.chdir(tmp_path)
-    bert = write_tiny_bert(tmp_path / "tiny-bert")
-    config, data = str(ROOT / "configs" / "text_lora.yaml"), write_texts(tmp_path / "texts.csv", 40)
-    run(["fit", "--config", config, f"--model.model_name_or_path={bert}", f"--data.path={data}",
-         "--data.max_length=16", "--trainer.max_epochs=1", *QUIET])  # fmt: skip
-    best = next(tmp_path.glob("logs/*/version_0/checkpoints/best.ckpt"))
+    best, bert = train_text(tmp_path)
     api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", "4"]))
     assert isinstance(api, serve.TextClassifierAPI)
     monkeypatch.setattr(serve, "SERVED", api)
@@ -263,3 +273,37 @@ def test_a_text_model_tokenises_as_training_and_answers_as_predict(tmp_path, mon
             p = model.predict_step((alone,), 0)[0]
         assert answer["class"] == model.hparams.class_names[int(p.argmax())]
         assert list(answer["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["table", "text"])
+def test_table_and_text_models_are_served_over_http(tmp_path, monkeypatch, kind):
+    """A real server for each of the other two classifier kinds: concurrent answers equal the worker's
+    code run in this process, one request at a time; a bad request gets its 422; SIGTERM ends it."""
+    monkeypatch.chdir(tmp_path)
+    if kind == "table":
+        best = train_table(tmp_path)
+        bodies = [{"features": {"x1": k / 10, "x2": -k / 7, "x3": 1.0}} for k in range(24)]
+        bad, words = {"features": {"x1": 1.0, "x2": 2.0}}, "missing ['x3']"
+    else:
+        pytest.importorskip("transformers", reason="the text extra is not installed: pip install -e '.[text]'")
+        best, _ = train_text(tmp_path)
+        bodies = [{"text": " ".join(["good", "film", "bad", "day"][: 1 + k % 4] * (1 + k % 5))} for k in range(24)]
+        bad, words = {"text": ""}, "text: empty"
+    api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", "1"]))
+    monkeypatch.setattr(serve, "SERVED", api)
+    api.setup("cpu")
+    expected = [api.encode_response(api.predict(serve.ClassifyRequest(**body)._input)) for body in bodies]
+    server = Server(tmp_path, "--ckpt_path", str(best), "--max_batch_size", "8").start()
+    try:
+        answers = post_all(server, bodies, workers=12)
+        assert [a.status_code for a in answers] == [200] * len(bodies)
+        for answer, want in zip(answers, expected):
+            got = answer.json()
+            assert got["class"] == want["class"]
+            assert list(got["probabilities"].values()) == pytest.approx(list(want["probabilities"].values()), abs=1e-5)
+        refused = httpx.post(f"{server.url}/predict", json=bad, timeout=60)
+        assert refused.status_code == 422 and words in refused.json()["detail"]
+        assert server.stop() == (0, [])
+    finally:
+        server.kill()

@@ -558,6 +558,8 @@ def serve(args) -> None:
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
     except KeyboardInterrupt:  # stopped while the workers were starting: LitServe has not cleaned up
         pass
+    except RuntimeError as err:  # LitServe: a worker could not set up (e.g. out of GPU memory)
+        raise UserError(f"{first_line(err)}: a worker could not load the model; its traceback is above") from None
     finally:
         for worker in getattr(server, "inference_workers", []):
             if worker.is_alive():
