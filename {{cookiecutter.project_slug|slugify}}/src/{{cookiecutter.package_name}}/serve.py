@@ -64,7 +64,7 @@ except ImportError as err:  # the command without the extra: one line, no traceb
 warnings.filterwarnings("ignore", message="The LitServer has both batch and unbatch methods implemented")
 
 # The LitAPI of the running server, in the HTTP processes: the request models below check and
-# convert bodies with it. main() sets it before LitServe forks those processes (they inherit it).
+# convert bodies with it. serve() sets it before LitServe forks those processes (they inherit it).
 SERVED = None
 
 
