@@ -68,7 +68,7 @@ def test_a_streamed_chat_completion_sends_the_same_pieces_as_events(server):
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [
-        ({"messages": [{"role": "user", "content": " ".join(["word"] * 16)}]}, 400, "more than the model's context"),
+        ({"messages": [{"role": "user", "content": " ".join(["word"] * 16)}]}, 400, "no room left in the model's"),
         ({"messages": [{"role": "user", "content": "a b"}], "max_tokens": 15}, 400, "more than the model's context"),
         ({"messages": [{"role": "user", "content": "w " * 20}], "stream": True}, 400, "context of 16 tokens"),
         ({"messages": []}, 400, "messages: empty"),
@@ -103,7 +103,7 @@ def test_the_prompt_route_checks_prompts_against_the_context(tmp_path, monkeypat
     request = serve.PromptRequest(prompt="to be or not", temperature=0.2)
     assert request.max_tokens == 16 - 4  # unset: the rest of the context
     for given, words in [
-        ({"prompt": "w " * 16}, "the prompt is 16 tokens and max_tokens 0: more than the model's context of 16"),
+        ({"prompt": "w " * 16}, "the prompt is 16 tokens: no room left in the model's context of 16 tokens"),
         ({"prompt": "a b", "max_tokens": 15}, "more than the model's context"),
         ({"prompt": "  "}, "the prompt is empty"),
         ({"prompt": "a", "max_tokens": 0}, "greater than or equal to 1"),

@@ -52,7 +52,7 @@ OPEN_PATHS = ("/health",)  # answered without the API key: load balancers and pr
 
 try:
     import litserve as ls
-    from fastapi import BackgroundTasks, HTTPException
+    from fastapi import BackgroundTasks
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
@@ -281,13 +281,14 @@ class GenerativeAPI(ServedAPI):
         if not text.strip():
             raise ValueError("the prompt is empty")
         used, context = self.generator.count_tokens(prompt), self.generator.context_length
-        budget = context - used if max_tokens is None else max_tokens
-        if used + max(budget, 1) > context:
+        if max_tokens is None and used >= context:
+            raise ValueError(f"the prompt is {used} tokens: no room left in the model's context of {context} tokens")
+        if max_tokens is not None and used + max_tokens > context:
             raise ValueError(
-                f"the prompt is {used} tokens and max_tokens {budget}: more than the model's context of {context} "
+                f"the prompt is {used} tokens and max_tokens {max_tokens}: more than the model's context of {context} "
                 "tokens; shorten the prompt or lower max_tokens"
             )
-        return budget
+        return context - used if max_tokens is None else max_tokens
 
     def setup(self, device: str) -> None:
         self.generator.load(device)
@@ -312,13 +313,15 @@ class PromptAPI(GenerativeAPI):
 
 class CheckedOpenAISpec(OpenAISpec):
     """LitServe's OpenAI spec, with the request checked in the HTTP process first: a bad request
-    gets a 4xx, also when it asks for a stream (LitServe would send 200 and an error event)."""
+    gets a 400, also when it asks for a stream (LitServe would send 200 and an error event). The
+    body has OpenAI's `error` (its clients show the message) and this server's `detail`."""
 
     async def chat_completion(self, request: ChatCompletionRequest, background_tasks: BackgroundTasks):
         try:
             SERVED.check_chat(request)
         except ValueError as err:
-            raise HTTPException(400, str(err)) from None
+            error = {"message": str(err), "type": "invalid_request_error", "param": None, "code": None}
+            return JSONResponse({"error": error, "detail": str(err)}, status_code=400)
         return await super().chat_completion(request, background_tasks)
 
 
