@@ -25,6 +25,10 @@ PARTS = {
     ],
     "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
     "doctor": [f"{PKG}/doctor.py", "tests/test_doctor.py"],
+    "serve": [
+        f"{PKG}/serve.py", "benchmarks/serve.py",
+        "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",
+    ],
 }  # fmt: skip
 
 # Every answer, as cookiecutter holds it (a JSON string literal, so no answer can break this file).

@@ -24,6 +24,7 @@ EXPECTED_FILES = [
     "README.zh-CN.md",
     "benchmarks/finetune.py",
     "benchmarks/overhead.py",
+    "benchmarks/serve.py",
     "benchmarks/text_finetune.py",
     "configs/custom_csv.yaml",
     "configs/custom_images.yaml",
@@ -80,11 +81,14 @@ EXPECTED_FILES = [
     "src/{pkg}/pretrained.py",
     "src/{pkg}/quiet.py",
     "src/{pkg}/search.py",
+    "src/{pkg}/serve.py",
     "src/{pkg}/search_report.py",
     "src/{pkg}/text_export.py",
     "src/{pkg}/tuning.py",
     "tests/conftest.py",
     "tests/probe.py",
+    "tests/serving.py",
+    "tests/standin.py",
     "tests/test_augment.py",
     "tests/test_cli.py",
     "tests/test_crash_safety.py",
@@ -109,6 +113,8 @@ EXPECTED_FILES = [
     "tests/test_recipes.py",
     "tests/test_run_view.py",
     "tests/test_search.py",
+    "tests/test_serve.py",
+    "tests/test_serve_generate.py",
     "tests/test_tensorboard.py",
     "tests/test_text.py",
     "tests/test_text_minilm.py",
@@ -134,6 +140,10 @@ PART_FILES = {
     "export": ["src/{pkg}/export.py", "src/{pkg}/text_export.py", "tests/test_export.py", "tests/test_deploy.py"],
     "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
     "doctor": ["src/{pkg}/doctor.py", "tests/test_doctor.py"],
+    "serve": [
+        "src/{pkg}/serve.py", "benchmarks/serve.py",
+        "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",
+    ],
 }  # fmt: skip
 PARTS = list(PART_FILES)
 ALL_OFF = dict.fromkeys(PARTS, "no")
@@ -145,6 +155,7 @@ PART_WORDS = {
     "export": [".export", "onnx", "export.py", "exported_program"],
     "cluster": ["slurm.sbatch", "multinode", "torchrun --", "SLURM script"],
     "doctor": ["doctor"],
+    "serve": ["litserve", "LitServe", ".serve", "serve.py", ".[serve]", "httpx"],
 }
 
 LICENSES = ["MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"]
@@ -265,6 +276,22 @@ def test_license_text_matches_the_choice(bake, license):
         for year in {year_before, year_after}
     ), copyright_lines
     assert read_pyproject(result.project_path)["project"]["license"] == license
+
+
+def test_without_serve_no_trace_of_the_part_is_left(bake):
+    """serve=no (the file set and the part's words are test_each_shape_bakes_exactly_its_files'): no serve
+    extra, no HTTP client in dev, not the word in the READMEs or CI, and the project lints clean; serve=yes
+    has the extra and the client."""
+    project = bake(project_name="Digit Lab", serve="no").project_path
+    extras = read_pyproject(project)["project"]["optional-dependencies"]
+    assert "serve" not in extras and not any(line.startswith("httpx") for line in extras["dev"])
+    for name in ("README.md", "README.zh-CN.md", ".github/workflows/ci.yml"):
+        assert not re.search(r"\bserve\b", (project / name).read_text(encoding="utf-8")), name
+    for args in (["check"], ["format", "--check"]):
+        linted = ruff(project, *args)
+        assert linted.returncode == 0, f"ruff {' '.join(args)}\n{linted.stdout}{linted.stderr}"
+    served = read_pyproject(bake(project_name="Digit Lab").project_path)["project"]["optional-dependencies"]
+    assert served["serve"] == ["litserve>=0.2.19"] and "httpx>=0.29" in served["dev"]
 
 
 def test_proprietary_has_no_license_file_or_field(bake):

@@ -130,6 +130,20 @@ def newest_checkpoint(root: Path, which: str, version: str = "*") -> Path | None
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def resolve_checkpoint(given: str, log_dir: Path) -> Path:
+    """`given` as a path; 'best' / 'last': the newest such checkpoint of any run under `log_dir`."""
+    if given not in ("best", "last"):
+        return Path(given)  # load_model checks it
+    path = newest_checkpoint(log_dir, given, version="*/*")  # any run name, any version
+    if path is None:
+        raise UserError(
+            f"--ckpt_path={given}: no {given} checkpoint under {log_dir}/*/*/checkpoints "
+            "(train first with `python train.py fit`, give --log_dir, or give a .ckpt path)"
+        )
+    print(f"Using checkpoint {path}")
+    return path
+
+
 def run_folder(checkpoint: Path) -> Path | None:
     """The run folder (logs/<name>/version_N) whose checkpoints/ holds `checkpoint`, or None."""
     run = checkpoint.parent.parent

@@ -1,4 +1,5 @@
-"""What the user is told: mistakes they can fix, and lines printed once per run.
+"""What the user is told: mistakes they can fix, and lines printed once per run. Checkpoints and the
+models in them are read here too (safely, weights_only=True), since every way that fails is such a mistake.
 
 Every module may import this one; it imports nothing of the package, and Lightning and torch only
 when a function needs them (so it can report a broken install of them).
@@ -79,6 +80,31 @@ def weights_mismatch(err: BaseException) -> str | None:
     if isinstance(err, RuntimeError) and "loading state_dict" in str(err):
         return first_line(str(err).split("\n", 1)[-1].strip())
     return None
+
+
+def saved_class(checkpoint: dict, base: type) -> type:
+    """The class LightningCLI saved in the checkpoint (`_class_path`, e.g. a FineTuner) when it is an
+    imported subclass of `base`, else `base`. `base.load_from_checkpoint` alone would build a `base`:
+    Lightning drops `_class_path` for classes whose __init__ takes no **kwargs."""
+    module, _, name = str(checkpoint.get("hyper_parameters", {}).get("_class_path", "")).rpartition(".")
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) and issubclass(found, base) else base
+
+
+def load_model(cls, path: Path, **kwargs):
+    """The model (a `cls`) of checkpoint `path`, on the CPU, in eval mode (loaded with weights_only=True)."""
+    checkpoint = read_checkpoint(path, f"--ckpt_path={path}")  # one clear error for a missing, truncated or unsafe file
+    cls = saved_class(checkpoint, cls)
+    try:
+        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as err:
+        if weights_mismatch(err):
+            detail = weights_mismatch(err)
+            raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
+        if isinstance(err, UserError):
+            raise
+        raise checkpoint_error(path, path, err) from None
+    return model.eval()
 
 
 def effective_batch_size(trainer, batch) -> str:

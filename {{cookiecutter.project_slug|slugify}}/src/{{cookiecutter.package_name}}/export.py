@@ -34,52 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError, checkpoint_error, print_error, read_checkpoint, weights_mismatch
+from .errors import UserError, load_model, print_error
 from .internals import ONNX_REGISTRATION
 
 FORMATS = {"exported_program": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
 ONNX_EXTRA = "pip install -e '.[onnx]'"
-
-
-def resolve_checkpoint(given: str, log_dir: Path) -> Path:
-    """`given` as a path; 'best' / 'last': the newest such checkpoint of any run under `log_dir`."""
-    if given not in ("best", "last"):
-        return Path(given)  # load_model checks it
-    from .cli import newest_checkpoint
-
-    path = newest_checkpoint(log_dir, given, version="*/*")  # any run name, any version
-    if path is None:
-        raise UserError(
-            f"--ckpt_path={given}: no {given} checkpoint under {log_dir}/*/*/checkpoints "
-            "(train first with `python train.py fit`, give --log_dir, or give a .ckpt path)"
-        )
-    print(f"Using checkpoint {path}")
-    return path
-
-
-def saved_class(checkpoint: dict, base: type) -> type:
-    """The class LightningCLI saved in the checkpoint (`_class_path`, e.g. a FineTuner) when it is an
-    imported subclass of `base`, else `base`. `base.load_from_checkpoint` alone would build a `base`:
-    Lightning drops `_class_path` for classes whose __init__ takes no **kwargs."""
-    module, _, name = str(checkpoint.get("hyper_parameters", {}).get("_class_path", "")).rpartition(".")
-    found = getattr(sys.modules.get(module), name, None)
-    return found if isinstance(found, type) and issubclass(found, base) else base
-
-
-def load_model(cls, path: Path, **kwargs):
-    """The model (a `cls`) of checkpoint `path`, on the CPU, in eval mode (loaded with weights_only=True)."""
-    checkpoint = read_checkpoint(path, f"--ckpt_path={path}")  # one clear error for a missing, truncated or unsafe file
-    cls = saved_class(checkpoint, cls)
-    try:
-        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
-    except Exception as err:
-        if weights_mismatch(err):
-            detail = weights_mismatch(err)
-            raise UserError(f"{path}: the weights do not fit the model its settings describe ({detail})") from None
-        if isinstance(err, UserError):
-            raise
-        raise checkpoint_error(path, path, err) from None
-    return model.eval()
 
 
 def inference_network(model) -> nn.Module:
@@ -196,6 +155,8 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
             raise UserError(f"--format onnx needs the packages {' and '.join(missing)}: {ONNX_EXTRA}")
     if batch_size < 1:
         raise UserError(f"--batch_size={batch_size}: give at least 1")
+    from .cli import resolve_checkpoint
+
     checkpoint = resolve_checkpoint(ckpt_path, Path(log_dir))
 {%- if cookiecutter.text == "yes" %}
     from .text_export import export_text, is_text_checkpoint

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, load_model
 
 INPUTS = ("input_ids", "attention_mask")
 
@@ -40,7 +40,6 @@ def is_text_checkpoint(path: Path) -> bool:
 def load_text_model(path: Path):
     """The TextClassifier of checkpoint `path`, on the CPU, in eval mode: rebuilt from the base
     model's folder (`model_name_or_path`), then given the checkpoint's weights."""
-    from .export import load_model
     from .models.text import TextClassifier
 
     return load_model(TextClassifier, path)
