@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import baked_suite
+from test_bake import ALL_OFF
 
 pytestmark = pytest.mark.slow
 
@@ -68,10 +69,50 @@ def make_venv(path: Path) -> Path:
     return python
 
 
+def bake_both(bake) -> tuple[Path, Path]:
+    """(every part on, every part off): the two shapes whose own tests CI runs."""
+    on, off = bake(project_name="Digit Lab"), bake(project_name="Digit Lab", **ALL_OFF)
+    assert on.exit_code == 0 and off.exit_code == 0, (on.exception, off.exception)
+    return on.project_path, off.project_path
+
+
+def split_test_files(on: Path, off: Path) -> tuple[list[str], list[str]]:
+    """(files for the all-off bake, files for the all-on bake): each test file runs once.
+
+    The core's tests run in the core alone (every part off). The all-on bake runs the parts' own
+    test files, and those core files whose all-on copy differs (a part adds cases to them with a
+    Jinja conditional): the rest would only repeat, on the same core code, what the core's run checked.
+    """
+    core = sorted(p.name for p in (off / "tests").glob("test_*.py"))
+    full = sorted(p.name for p in (on / "tests").glob("test_*.py"))
+    assert set(core) <= set(full), set(core) - set(full)
+    differs = [n for n in core if (on / "tests" / n).read_bytes() != (off / "tests" / n).read_bytes()]
+    return [f"tests/{n}" for n in core], [f"tests/{n}" for n in full if n not in core or n in differs]
+
+
+def run_tier(python, project: Path, markers: str, files: list[str], from_source: bool) -> subprocess.CompletedProcess:
+    env, selected = baked_suite(markers)
+    if from_source:
+        env["PYTHONPATH"] = str(project / "src")
+    return subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *selected, *files],
+        cwd=project, env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+
+
+def test_split_runs_every_test_file_and_the_parts_in_the_full_bake(bake):
+    on, off = bake_both(bake)
+    core, full = split_test_files(on, off)
+    assert set(core) | set(full) == {f"tests/{p.name}" for p in (on / "tests").glob("test_*.py")}
+    assert "tests/test_cli.py" in core and "tests/test_cli.py" not in full  # the same file in both shapes
+    assert {"tests/test_text.py", "tests/test_search.py", "tests/test_doctor.py"} <= set(full)
+
+
 def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
-    result = bake(project_name="Digit Lab")
-    assert result.exit_code == 0, result.exception
-    project = result.project_path
+    """The full bake installs (editable, offline) and runs its fast tier there: the parts' files and the core
+    files that parts change. The core alone runs the rest from source."""
+    project, off = bake_both(bake)
+    core, full = split_test_files(project, off)
     python = make_venv(tmp_path / "venv")
 
     install = run(
@@ -88,47 +129,25 @@ def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
     assert script.returncode == 0, script.stdout + script.stderr
     assert "fit" in script.stdout
 
-    env, markers = baked_suite("not slow and not gpu")
-    tests = subprocess.run(
-        [str(python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *markers],
-        cwd=project, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert_suite_passed(tests, "baked project's tests")
+    assert_suite_passed(run_tier(python, project, "not slow and not gpu", full, False), "the full bake's fast tests")
 
 
 def test_baked_project_passes_its_slow_tests(bake):
-    """The generated project's `slow` tests: DDP on two CPU processes, two torchrun "nodes",
-    the SLURM script, torch.compile. Run from the source folder, without installing."""
-    project = bake(project_name="Digit Lab").project_path
-    env, markers = baked_suite("slow")
-    env["PYTHONPATH"] = str(project / "src")
-    tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rfEs", *markers, "-p", "no:cacheprovider"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert_suite_passed(tests, "baked project's slow tests")
-
-
-# Every optional part answered "no": the core alone.
-ALL_OFF = {"text": "no", "search": "no", "export": "no", "cluster": "no", "doctor": "no"}
+    """The full bake's `slow` tests of the same files (DDP on two CPU processes, two torchrun "nodes",
+    the SLURM script, real models and corpora), from the source folder."""
+    project, off = bake_both(bake)
+    core, full = split_test_files(project, off)
+    assert_suite_passed(run_tier(sys.executable, project, "slow", full, True), "the full bake's slow tests")
 
 
 @pytest.mark.parametrize("tier", ["fast", "slow"])
 def test_the_core_alone_passes_its_tests(bake, tier):
     """A bake with every part off runs its own fast and slow tiers from the source folder (no second
-    install: the core's imports are a subset of the full bake's, which the first test installs)."""
-    project = bake(project_name="Digit Lab", **ALL_OFF).project_path
-    env = {**os.environ, "PYTHONPATH": str(project / "src")}
-    marker = ["-m", "slow"] if tier == "slow" else []
-    tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rfEs", *marker, "-p", "no:cacheprovider"],
-        cwd=project, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert_suite_passed(tests, f"the core's {tier} tests")
+    install: the core's imports are a subset of the full bake's, which the test above installs)."""
+    on, project = bake_both(bake)
+    core, full = split_test_files(on, project)
+    markers = "slow" if tier == "slow" else "not slow and not gpu"
+    assert_suite_passed(run_tier(sys.executable, project, markers, core, True), f"the core's {tier} tests")
 
 
 def test_a_skip_for_any_reason_but_a_gpu_fails_the_suite(bake):
