@@ -155,7 +155,8 @@ PART_WORDS = {
     "export": [".export", "onnx", "export.py", "exported_program"],
     "cluster": ["slurm.sbatch", "multinode", "torchrun --", "SLURM script"],
     "doctor": ["doctor"],
-    "serve": ["litserve", "LitServe", ".serve", "serve.py", ".[serve]", "httpx"],
+    # ".serve --", not ".serve": the core's tests call an HTTP server's serve_forever.
+    "serve": ["litserve", "LitServe", ".serve --", "serve.py", ".[serve]", "httpx", "Serve your model"],
 }
 
 LICENSES = ["MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"]
