@@ -11,11 +11,13 @@ products on NVIDIA GPUs, bf16 falling back to float16 on GPUs without bfloat16, 
 line at the start of `fit` with the effective batch size and the precision.
 """
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -33,12 +35,13 @@ from .errors import (
     read_checkpoint,
     weights_mismatch,
 )
-from .models import Classifier
 from .quiet import quiet
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EVALUATIONS = ("validate", "test", "predict")
+# What a DataModule knows and a model may take (linked by name): classes and inputs; a tokenizer.
+DATA_FACTS = ("num_classes", "input_shape", "class_names", "feature_names", "vocab_size", "vocab", "block_size")
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
 
 
@@ -133,6 +136,18 @@ def prepare_text_run(config) -> None:
         init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
 
 
+def init_parameters(cls: type) -> set[str]:
+    """The names `cls(...)` takes, following `**kwargs` on to the parent classes' __init__."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            parameters = inspect.signature(klass.__init__).parameters
+            names |= parameters.keys()
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+                break
+    return names
+
+
 class RunSummary(Callback):
     """Prints `describe_run` once (first process) when `fit` starts."""
 
@@ -181,12 +196,20 @@ class CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         self.trained = None  # test/predict from a checkpoint: its model's settings (before_instantiate_classes)
-        for name in ("num_classes", "input_shape", "class_names", "feature_names"):
+        for name in DATA_FACTS:
             value = self._from_data(name)
             parser.link_arguments("data", f"model.init_args.{name}", compute_fn=value, apply_on="instantiate")
         # Callbacks every run has, with their options at the top level: --tensorboard.*, --predictions.*
         parser.add_lightning_class_args(TensorBoardViews, "tensorboard")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # LightningCLI records every link's value in the model's settings, also for names the model
+        # does not take (a classifier's vocab_size=None); drop those, so its checkpoint rebuilds it.
+        for name in set(DATA_FACTS) - init_parameters(type(self.model)):
+            self.model.hparams.pop(name, None)
+            self.model._hparams_initial.pop(name, None)  # what the loggers record (no public setter)
 
     def instantiate_trainer(self, **kwargs):
         # Lightning's default bar (Rich when installed) redraws on every step, which costs
@@ -302,7 +325,7 @@ def run(args=None, callbacks=(), parse_errors_raise: bool = False, cli_class: ty
     if parse_errors_raise:
         kwargs["exit_on_error"] = False
     return cli_class(
-        Classifier,
+        L.LightningModule,  # any model class the config names: the Classifier, a GPTModule, your own
         InMemoryDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
