@@ -22,6 +22,7 @@ EXPECTED_FILES = [
     "README.md",
     "README.zh-CN.md",
     "benchmarks/finetune.py",
+    "benchmarks/gpt.py",
     "benchmarks/overhead.py",
     "benchmarks/text_finetune.py",
     "configs/custom_csv.yaml",
@@ -31,6 +32,8 @@ EXPECTED_FILES = [
     "configs/finetune.yaml",
     "configs/finetune_csv.yaml",
     "configs/finetune_images.yaml",
+    "configs/gpt_char.yaml",
+    "configs/gpt_small.yaml",
     "configs/mnist_cnn.yaml",
     "configs/mnist_mlp.yaml",
     "configs/mnist_vit.yaml",
@@ -57,6 +60,7 @@ EXPECTED_FILES = [
     "src/{pkg}/data/__init__.py",
     "src/{pkg}/data/augment.py",
     "src/{pkg}/data/batches.py",
+    "src/{pkg}/data/corpus.py",
     "src/{pkg}/data/custom.py",
     "src/{pkg}/data/digits.csv.gz",
     "src/{pkg}/data/download.py",
@@ -66,11 +70,14 @@ EXPECTED_FILES = [
     "src/{pkg}/doctor.py",
     "src/{pkg}/errors.py",
     "src/{pkg}/export.py",
+    "src/{pkg}/generate.py",
     "src/{pkg}/internals.py",
     "src/{pkg}/models/__init__.py",
     "src/{pkg}/models/classifier.py",
     "src/{pkg}/models/finetune.py",
     "src/{pkg}/models/fsdp.py",
+    "src/{pkg}/models/gpt.py",
+    "src/{pkg}/models/lm.py",
     "src/{pkg}/models/metrics.py",
     "src/{pkg}/models/nets.py",
     "src/{pkg}/models/schedule.py",
@@ -96,6 +103,8 @@ EXPECTED_FILES = [
     "tests/test_errors.py",
     "tests/test_export.py",
     "tests/test_finetune.py",
+    "tests/test_gpt.py",
+    "tests/test_gpt_slow.py",
     "tests/test_hostile_inputs.py",
     "tests/test_idx.py",
     "tests/test_internals.py",
@@ -135,8 +144,16 @@ LICENSE_PHRASES = {
 DEPENDENCIES = {"torch", "lightning", "torchmetrics", "tensorboard", "jsonargparse", "pillow"}
 
 
-def expected_files(package: str, license: str = "MIT", github_actions: str = "yes") -> set[str]:
-    files = {path.format(pkg=package) for path in EXPECTED_FILES}
+# The gpt part's files (question `gpt`).
+GPT_FILES = {
+    "benchmarks/gpt.py", "configs/gpt_char.yaml", "configs/gpt_small.yaml", "src/{pkg}/data/corpus.py",
+    "src/{pkg}/generate.py", "src/{pkg}/models/gpt.py", "src/{pkg}/models/lm.py", "tests/test_gpt.py",
+    "tests/test_gpt_slow.py",
+}  # fmt: skip
+
+
+def expected_files(package: str, license: str = "MIT", github_actions: str = "yes", gpt: str = "yes") -> set[str]:
+    files = {path.format(pkg=package) for path in EXPECTED_FILES if gpt == "yes" or path not in GPT_FILES}
     if license == "Proprietary":
         files.remove("LICENSE")
     if github_actions == "no":
@@ -210,6 +227,18 @@ def test_every_option_bakes_the_expected_files(bake, license, github_actions):
     assert relative_files(project) == expected_files("digit_lab", license, github_actions)
     assert (project / ".github").exists() == (github_actions == "yes")
     assert leftovers(project) == []
+    assert ruff(project, "check").returncode == 0
+
+
+def test_without_the_gpt_part_no_trace_of_it_is_left(bake):
+    result = bake(project_name="Digit Lab", gpt="no")
+
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    assert relative_files(project) == expected_files("digit_lab", gpt="no")
+    assert "gpt" not in read_pyproject(project)["project"]["optional-dependencies"]
+    texts = {path: (project / path).read_text(encoding="utf-8") for path in relative_files(project)}
+    assert [path for path, text in texts.items() if "gpt" in text.lower() or "litdata" in text] == []
     assert ruff(project, "check").returncode == 0
 
 

@@ -35,6 +35,7 @@ def data_args(config: Path, where: Path) -> list[str]:
         return [f"--data.path={write_table(where / 'table.csv')}"]
     if kind == "ImageFolderDataModule":
         return [f"--data.root={write_images(where / 'images')}"]
+{%- if cookiecutter.gpt == "yes" %}
     if kind == "CorpusDataModule":  # the gpt part (tests/test_gpt.py)
         from test_gpt import write_text
 
@@ -42,6 +43,7 @@ def data_args(config: Path, where: Path) -> list[str]:
         path = write_text(where / "corpus.txt", lines=300)
         small = ["--data.block_size=16", "--data.streaming=false", "--model.compile=false", "--model.n_layer=2"]
         return [f"--data.path={path}", *small]
+{%- endif %}
     assert kind == "MNISTDataModule", f"{config.name}: no test data for {kind}; add it to data_args"
     return ["--data.data_dir=data", "--data.val_size=100"]
 

@@ -207,9 +207,9 @@ class CLI(LightningCLI):
         super().instantiate_classes()
         # LightningCLI records every link's value in the model's settings, also for names the model
         # does not take (a classifier's vocab_size=None); drop those, so its checkpoint rebuilds it.
-        for name in set(DATA_FACTS) - init_parameters(type(self.model)):
-            self.model.hparams.pop(name, None)
-            self.model._hparams_initial.pop(name, None)  # what the loggers record (no public setter)
+        foreign = set(DATA_FACTS) - init_parameters(type(self.model))
+        if foreign & self.model.hparams.keys():  # `ignore` removes them from what the loggers record too
+            self.model.save_hyperparameters(ignore=sorted(foreign))
 
     def instantiate_trainer(self, **kwargs):
         # Lightning's default bar (Rich when installed) redraws on every step, which costs
@@ -325,7 +325,7 @@ def run(args=None, callbacks=(), parse_errors_raise: bool = False, cli_class: ty
     if parse_errors_raise:
         kwargs["exit_on_error"] = False
     return cli_class(
-        L.LightningModule,  # any model class the config names: the Classifier, a GPTModule, your own
+        L.LightningModule,  # any model class the config names: the Classifier, the text model, your own
         InMemoryDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -291,8 +291,9 @@ class CorpusDataModule(InMemoryDataModule):
         if not self.streaming:
             samples = Windows(self.ids[split], self.block_size, stride=1 if shuffle else self.block_size)
             sampler = self._epoch_sampler(len(samples)) if shuffle else None
+            generator = torch.Generator().manual_seed(0)  # as in batches.py: nothing drawn from the global one
             return torch.utils.data.DataLoader(samples, self.batch_size, sampler=sampler, collate_fn=already_stacked,
-                                               num_workers=self.num_workers)  # fmt: skip
+                                               num_workers=self.num_workers, generator=generator)  # fmt: skip
         import litdata
 
         samples = litdata.StreamingDataset(
@@ -301,7 +302,9 @@ class CorpusDataModule(InMemoryDataModule):
         )  # fmt: skip
         if len(samples) == 0:
             raise UserError(f"--data.path={self.path}: the {split} split has no sample of block_size + 1 tokens")
-        return litdata.StreamingDataLoader(samples, batch_size=self.batch_size, num_workers=self.num_workers)
+        # Its own generator, as in batches.py: starting the loader draws nothing from the global one (dropout's).
+        return litdata.StreamingDataLoader(samples, batch_size=self.batch_size, num_workers=self.num_workers,
+                                           generator=torch.Generator().manual_seed(0))  # fmt: skip
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, torch.Tensor):  # streamed: rows of block_size + 1 ids

@@ -92,19 +92,25 @@ class GPTModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": h.weight_decay},  # matrices, embeddings
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # LayerNorms, biases
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
-        total, warmup = self.trainer.estimated_stepping_batches, h.warmup_steps
-
-        def factor(step: int) -> float:  # nanoGPT's get_lr, as a fraction of lr
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return (h.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (h.lr - h.min_lr)) / h.lr
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        optimizer, schedule = optimizer_and_schedule(self.model, h, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def optimizer_and_schedule(model: torch.nn.Module, h, total_steps: int):
+    """AdamW with weight decay on matrices and embeddings, and nanoGPT's learning rate per step:
+    a linear warm-up over `h.warmup_steps`, then a cosine from `h.lr` down to `h.min_lr` at `total_steps`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": h.weight_decay},  # matrices, embeddings
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # LayerNorms, biases
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
+    warmup = h.warmup_steps
+
+    def factor(step: int) -> float:  # a fraction of lr
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return (h.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (h.lr - h.min_lr)) / h.lr
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
