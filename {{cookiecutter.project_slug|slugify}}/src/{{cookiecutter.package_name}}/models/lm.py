@@ -73,12 +73,12 @@ class GPTModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         logger = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
-        decode = getattr(self.trainer.datamodule, "tokenizer", None)
-        if logger is None or decode is None or self.trainer.sanity_checking or not self.hparams.sample_tokens:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)  # the data's, through the Trainer
+        if logger is None or tokenizer is None or self.trainer.sanity_checking or not self.hparams.sample_tokens:
             return
-        if self.trainer.is_global_zero:
-            text = self.sample_text(decode, torch.Generator(self.device).manual_seed(0))
-            # TensorBoard renders the text as Markdown: indented 4 spaces it stays verbatim.
+        # Every process samples (the same text: the same seed), as FSDP's sharded forward needs them all.
+        text = self.sample_text(tokenizer, torch.Generator(self.device).manual_seed(0))
+        if self.trainer.is_global_zero:  # TensorBoard renders Markdown: indented 4 spaces, the text stays verbatim
             logger.experiment.add_text("val/sample", "    " + text.replace("\n", "\n    "), self.global_step)
 
     def sample_text(self, tokenizer, generator: torch.Generator) -> str:
