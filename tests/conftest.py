@@ -1,5 +1,7 @@
 """Shared helpers for the template's tests: bake with pytest-cookies or with the real CLI."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +45,57 @@ def run_cookiecutter(cookiecutter_config):
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
     return _run
+
+
+# Real data that the baked projects' tests read: Debian packages, fetched without root
+# (`apt-get download` + `dpkg -x`) into a cache folder that later runs reuse. The baked
+# suites find them through the environment variable DEBIAN_FILES (the folder `dpkg -x` filled).
+DEBIAN_PACKAGES = ("dataset-fashion-mnist", "fortunes")
+DEBIAN_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning-template" / "debian"
+
+
+def debian_files() -> Path | None:
+    """The folder holding the extracted DEBIAN_PACKAGES, fetched once; None where apt-get or dpkg is missing."""
+    root = DEBIAN_CACHE / "root"
+    done = DEBIAN_CACHE / "done.txt"
+    if done.is_file() and done.read_text().split() == list(DEBIAN_PACKAGES):
+        return root
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        return None
+    debs = DEBIAN_CACHE / "debs"
+    shutil.rmtree(DEBIAN_CACHE, ignore_errors=True)
+    debs.mkdir(parents=True)
+    fetched = subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, capture_output=True, text=True)
+    if fetched.returncode != 0 and os.geteuid() == 0:  # a new machine may have no package lists yet
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+        fetched = subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, capture_output=True, text=True)
+    if fetched.returncode != 0:
+        raise RuntimeError(
+            f"apt-get download {' '.join(DEBIAN_PACKAGES)} failed ({fetched.stderr.strip()[-300:]}): "
+            "run `sudo apt-get update` once, then the tests again"
+        )
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
+    shutil.rmtree(debs)
+    done.write_text("\n".join(DEBIAN_PACKAGES) + "\n")
+    return root
+
+
+def pytest_report_header(config) -> str:
+    found = debian_files()
+    if found is None:
+        return (
+            "real data: no apt-get/dpkg on this machine, so the baked projects' tests marked `debian` "
+            "(the real Fashion-MNIST and fortunes files) are deselected"
+        )
+    return f"real data: Debian packages {', '.join(DEBIAN_PACKAGES)} extracted in {found}"
+
+
+def baked_suite(markers: str) -> tuple[dict, list[str]]:
+    """The environment and `-m` arguments that run a baked project's tests of `markers` here."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    found = debian_files()
+    if found is None:
+        return env, ["-m", f"({markers}) and not debian"]
+    env["DEBIAN_FILES"] = str(found)
+    return env, ["-m", markers]

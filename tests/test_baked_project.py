@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import baked_suite
+
 pytestmark = pytest.mark.slow
 
 
@@ -86,7 +88,11 @@ def test_baked_project_installs_and_passes_its_tests(bake, tmp_path):
     assert script.returncode == 0, script.stdout + script.stderr
     assert "fit" in script.stdout
 
-    tests = run([str(python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"], cwd=project)
+    env, markers = baked_suite("not slow and not gpu")
+    tests = subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *markers],
+        cwd=project, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     assert_suite_passed(tests, "baked project's tests")
 
 
@@ -94,9 +100,10 @@ def test_baked_project_passes_its_slow_tests(bake):
     """The generated project's `slow` tests: DDP on two CPU processes, two torchrun "nodes",
     the SLURM script, torch.compile. Run from the source folder, without installing."""
     project = bake(project_name="Digit Lab").project_path
-    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    env, markers = baked_suite("slow")
+    env["PYTHONPATH"] = str(project / "src")
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rfEs", "-m", "slow", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-q", "-rfEs", *markers, "-p", "no:cacheprovider"],
         cwd=project,
         env=env,
         capture_output=True,

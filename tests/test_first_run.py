@@ -15,18 +15,7 @@ import pytest
 import torch
 
 from conftest import TEMPLATE
-
-
-def readme_commands() -> dict[str, str]:
-    """The numbered commands of the README's first bash block: {"1": "...", "2": "..."}."""
-    block = re.search(r"```bash\n(.*?)```", (TEMPLATE / "README.md").read_text(), re.S).group(1)
-    commands, number = {}, None
-    for line in block.splitlines():
-        if match := re.match(r"# (\d)\. ", line):
-            number = match.group(1)
-        elif line.strip() and number:
-            commands[number] = line.strip()
-    return commands
+from readme_commands import readme_commands
 
 
 def copy_of_template(target: Path) -> Path:
@@ -66,20 +55,24 @@ def test_the_shipped_data_is_in_the_wheel(bake, tmp_path):
     assert "digit_lab/data/digits.csv.gz" in zipfile.ZipFile(wheel).namelist()
 
 
-@pytest.mark.slow
-def test_readme_command_1_in_a_fresh_folder(tmp_path):
-    """Command 1 exactly as written, in a fresh copy of the template with no environment active.
+def fresh_machine_env(tmp_path: Path) -> dict:
+    """This machine's environment as a new user's shell has it: no virtual environment active.
 
     The one liberty: pip is held to this machine's torch release (PIP_CONSTRAINT), so that the
-    test installs the CPU build already used here instead of downloading a multi-GB CUDA build.
+    commands install the CPU build already used here instead of downloading a multi-GB CUDA build.
     """
-    clone = copy_of_template(tmp_path / "lightning-template")
     held = tmp_path / "torch.txt"
     held.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
     outer = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != outer)
     env["PIP_CONSTRAINT"] = str(held)
+    return env
+
+
+def run_command_1(tmp_path: Path, env: dict) -> Path:
+    """Command 1 exactly as written, in a fresh copy of the template: the copy's folder."""
+    clone = copy_of_template(tmp_path / "lightning-template")
     run = subprocess.run(
         ["bash", "-c", readme_commands()["1"]], cwd=clone, env=env, capture_output=True, text=True, timeout=1800
     )
@@ -88,3 +81,28 @@ def test_readme_command_1_in_a_fresh_folder(tmp_path):
     assert {p.name for p in (folder / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert list(folder.glob("events.out.tfevents.*"))
     assert "`Trainer.fit` stopped: `max_epochs=20` reached." in run.stdout + run.stderr
+    return clone
+
+
+@pytest.mark.slow
+def test_readme_command_1_in_a_fresh_folder(tmp_path):
+    run_command_1(tmp_path, fresh_machine_env(tmp_path))
+
+
+@pytest.mark.fresh_clone
+def test_readme_commands_1_then_2_in_a_fresh_clone(tmp_path):
+    """Command 1, then command 2 in the clone with command 1's environment active, both as written.
+
+    Command 2 runs this whole suite again (but for this test, which the default `-m` leaves out), so
+    it is run by hand, not in CI: `python -m pytest -m fresh_clone` (about as long as the suite).
+    """
+    env = fresh_machine_env(tmp_path)
+    clone = run_command_1(tmp_path, env)
+    run = subprocess.run(
+        ["bash", "-c", f". .venv/bin/activate && {readme_commands()['2']}"],
+        cwd=clone, env=env, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else "(no output)"
+    print("command 2:", summary)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, run.stdout[-5000:]

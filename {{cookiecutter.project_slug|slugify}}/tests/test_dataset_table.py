@@ -2,6 +2,7 @@
 with a local server: checked here against an independent published list and the real files."""
 
 import gzip
+import os
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,9 @@ PUBLISHED = {
     ),
 }  # fmt: skip
 
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # Debian's and Ubuntu's `dataset-fashion-mnist`
+# Debian's and Ubuntu's `dataset-fashion-mnist`, installed (apt-get install) or unpacked elsewhere by
+# `apt-get download` and `dpkg -x` into the folder DEBIAN_FILES names (the template's tests do that).
+DEBIAN = Path(os.environ.get("DEBIAN_FILES", "/")) / "usr/share/datasets/fashion-mnist"
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -43,11 +46,13 @@ def test_mirrors_and_md5_sums_match_the_published_list(name):
     assert all(m.endswith("/") for m in DATASETS[name]["mirrors"])  # the file name is appended as is
 
 
+@pytest.mark.debian
 @pytest.mark.skipif(
     not DEBIAN.is_dir(), reason="needs the real Fashion-MNIST files: apt-get install dataset-fashion-mnist"
 )
-def test_the_real_fashion_mnist_files(tmp_path):
+def test_the_real_fashion_mnist_files(tmp_path, monkeypatch):
     """Debian's files are the real Fashion-MNIST, found without a download and read whole."""
+    monkeypatch.setitem(DATASETS["fashion_mnist"], "also", [str(DEBIAN)])  # where this machine has them
     for stem in FILES:
         data = gzip.decompress((DEBIAN / f"{stem}.gz").read_bytes())
         count = int.from_bytes(data[4:8], "big")
