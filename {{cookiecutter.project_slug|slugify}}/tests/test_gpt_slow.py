@@ -89,6 +89,7 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, 
         assert torch.equal(resumed["state_dict"][name], value), name
 
 
+@pytest.mark.debian  # the fortunes come from Debian's package (deselect with -m 'not debian')
 def test_a_real_corpus_trains_well_below_uniform_guessing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     corpus = fortunes(tmp_path)

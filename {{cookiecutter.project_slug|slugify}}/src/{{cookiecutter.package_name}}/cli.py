@@ -184,8 +184,8 @@ class CLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        # LightningCLI records every link's value in the model's settings, also for names the model
-        # does not take (a classifier's vocab_size=None); drop those, so its checkpoint rebuilds it.
+        # LightningCLI records every link's value in the model's settings, also for facts the model's
+        # constructor does not name (None); drop those, so that its checkpoint rebuilds it.
         foreign = set(DATA_FACTS) - init_parameters(type(self.model))
         if foreign & self.model.hparams.keys():  # `ignore` removes them from what the loggers record too
             self.model.save_hyperparameters(ignore=sorted(foreign))
