@@ -23,6 +23,7 @@ EXPECTED_FILES = [
     "README.md",
     "README.zh-CN.md",
     "benchmarks/finetune.py",
+    "benchmarks/gpt.py",
     "benchmarks/overhead.py",
     "benchmarks/text_finetune.py",
     "configs/custom_csv.yaml",
@@ -32,6 +33,8 @@ EXPECTED_FILES = [
     "configs/finetune.yaml",
     "configs/finetune_csv.yaml",
     "configs/finetune_images.yaml",
+    "configs/gpt_char.yaml",
+    "configs/gpt_small.yaml",
     "configs/mnist_cnn.yaml",
     "configs/mnist_mlp.yaml",
     "configs/mnist_vit.yaml",
@@ -58,6 +61,7 @@ EXPECTED_FILES = [
     "src/{pkg}/data/__init__.py",
     "src/{pkg}/data/augment.py",
     "src/{pkg}/data/batches.py",
+    "src/{pkg}/data/corpus.py",
     "src/{pkg}/data/custom.py",
     "src/{pkg}/data/digits.csv.gz",
     "src/{pkg}/data/download.py",
@@ -67,12 +71,15 @@ EXPECTED_FILES = [
     "src/{pkg}/doctor.py",
     "src/{pkg}/errors.py",
     "src/{pkg}/export.py",
+    "src/{pkg}/generate.py",
     "src/{pkg}/internals.py",
     "src/{pkg}/model_options.py",
     "src/{pkg}/models/__init__.py",
     "src/{pkg}/models/classifier.py",
     "src/{pkg}/models/finetune.py",
     "src/{pkg}/models/fsdp.py",
+    "src/{pkg}/models/gpt.py",
+    "src/{pkg}/models/lm.py",
     "src/{pkg}/models/metrics.py",
     "src/{pkg}/models/nets.py",
     "src/{pkg}/models/schedule.py",
@@ -98,6 +105,8 @@ EXPECTED_FILES = [
     "tests/test_errors.py",
     "tests/test_export.py",
     "tests/test_finetune.py",
+    "tests/test_gpt.py",
+    "tests/test_gpt_slow.py",
     "tests/test_hostile_inputs.py",
     "tests/test_idx.py",
     "tests/test_internals.py",
@@ -134,6 +143,11 @@ PART_FILES = {
     "export": ["src/{pkg}/export.py", "src/{pkg}/text_export.py", "tests/test_export.py", "tests/test_deploy.py"],
     "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
     "doctor": ["src/{pkg}/doctor.py", "tests/test_doctor.py"],
+    "gpt": [
+        "src/{pkg}/models/gpt.py", "src/{pkg}/models/lm.py", "src/{pkg}/data/corpus.py", "src/{pkg}/generate.py",
+        "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
+        "tests/test_gpt.py", "tests/test_gpt_slow.py",
+    ],
 }  # fmt: skip
 PARTS = list(PART_FILES)
 ALL_OFF = dict.fromkeys(PARTS, "no")
@@ -145,6 +159,7 @@ PART_WORDS = {
     "export": [".export", "onnx", "export.py", "exported_program"],
     "cluster": ["slurm.sbatch", "multinode", "torchrun --", "SLURM script"],
     "doctor": ["doctor"],
+    "gpt": ["gpt", "GPT", "litdata"],
 }
 
 LICENSES = ["MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"]
