@@ -25,6 +25,11 @@ PARTS = {
     ],
     "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
     "doctor": [f"{PKG}/doctor.py", "tests/test_doctor.py"],
+    "gpt": [
+        f"{PKG}/models/gpt.py", f"{PKG}/models/lm.py", f"{PKG}/data/corpus.py", f"{PKG}/generate.py",
+        "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
+        "tests/test_gpt.py", "tests/test_gpt_slow.py",
+    ],
     "serve": [
         f"{PKG}/serve.py", "benchmarks/serve.py",
         "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",

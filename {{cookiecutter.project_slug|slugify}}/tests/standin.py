@@ -1,4 +1,4 @@
-"""A stand-in generative model for the serving tests: what the GPT and chat parts give the server
+"""A stand-in generative model for the serving tests: what the generative parts give the server
 (`serve.TextGenerator`), without weights. Its tokens are words; it answers with the sampling
 settings it was given, then the prompt's (or the last message's) words backwards."""
 
@@ -37,7 +37,7 @@ class EchoLM:
 
 
 def register(serve) -> None:
-    """Serve EchoChat checkpoints as a chat model and EchoLM ones as a GPT, as the parts will."""
+    """Serve EchoChat checkpoints as a chat model and EchoLM ones as a prompt model, as the parts will."""
     serve.KINDS["EchoChat"] = functools.partial(serve.ChatAPI, generator=EchoGenerator)
     serve.KINDS["EchoLM"] = functools.partial(serve.PromptAPI, generator=EchoGenerator)
 

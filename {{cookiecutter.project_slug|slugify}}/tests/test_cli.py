@@ -35,6 +35,15 @@ def data_args(config: Path, where: Path) -> list[str]:
         return [f"--data.path={write_table(where / 'table.csv')}"]
     if kind == "ImageFolderDataModule":
         return [f"--data.root={write_images(where / 'images')}"]
+{%- if cookiecutter.gpt == "yes" %}
+    if kind == "CorpusDataModule":  # the gpt part (tests/test_gpt.py)
+        from test_gpt import write_text
+
+        # gpt_small on a CPU: no compilation (minutes), a short context, in memory, 2 of its 12 layers.
+        path = write_text(where / "corpus.txt", lines=300)
+        small = ["--data.block_size=16", "--data.streaming=false", "--model.compile=false", "--model.n_layer=2"]
+        return [f"--data.path={path}", *small]
+{%- endif %}
     assert kind == "MNISTDataModule", f"{config.name}: no test data for {kind}; add it to data_args"
     return ["--data.data_dir=data", "--data.val_size=100"]
 
@@ -51,6 +60,9 @@ def test_fast_dev_run_of_every_config(workdir, config):
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
     # The data's sizes reached the model through the links of the command line.
+    if "vocab_size" in cli.model.hparams:  # a language model: the tokenizer's size
+        assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size > 0
+        return
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
     assert tuple(cli.model.hparams.input_shape) == tuple(cli.datamodule.input_shape)
     assert cli.model.hparams.class_names == cli.datamodule.class_names

@@ -1,4 +1,4 @@
-"""The generative side of `serve`, with a stand-in generator (tests/standin.py) in place of a GPT or a
+"""The generative side of `serve`, with a stand-in generator (tests/standin.py) in place of a language model or a
 chat model: the OpenAI-compatible `/v1/chat/completions` of a real server, streamed and not, its
 4xx answers, and the prompt route's checks (`POST /predict {"prompt": ...}`)."""
 

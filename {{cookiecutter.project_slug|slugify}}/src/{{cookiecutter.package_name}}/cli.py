@@ -11,6 +11,7 @@ products on NVIDIA GPUs, bf16 falling back to float16 on GPUs without bfloat16, 
 line at the start of `fit` with the effective batch size and the precision.
 """
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ EVALUATIONS = ("validate", "test", "predict")
 # What the data knows and a model needs: each is passed to the model if its constructor has an
 # argument of that name (a model kind declares the facts it receives by naming them), from the
 # DataModule's attribute of the same name. A new kind of fact (e.g. a vocabulary size) is added here.
-DATA_FACTS = ("num_classes", "input_shape", "class_names", "feature_names")
+DATA_FACTS = ("num_classes", "input_shape", "class_names", "feature_names"{% if cookiecutter.gpt == "yes" %}, "vocab_size", "vocab", "block_size"{% endif %})
 DEBUG = "{{ cookiecutter.package_name | upper }}_DEBUG"  # set to 1 to see tracebacks
 
 
@@ -114,6 +115,18 @@ def model_class(model) -> type | None:
     return found if isinstance(found, type) else None
 
 
+def init_parameters(cls: type) -> set[str]:
+    """The names `cls(...)` takes, following `**kwargs` on to the parent classes' __init__."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            parameters = inspect.signature(klass.__init__).parameters
+            names |= parameters.keys()
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+                break
+    return names
+
+
 class RunSummary(Callback):
     """Prints `describe_run` once (first process) when `fit` starts."""
 
@@ -182,6 +195,14 @@ class CLI(LightningCLI):
         # Callbacks every run has, with their options at the top level: --tensorboard.*, --predictions.*
         parser.add_lightning_class_args(TensorBoardViews, "tensorboard")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # LightningCLI records every link's value in the model's settings, also for facts the model's
+        # constructor does not name (None); drop those, so that its checkpoint rebuilds it.
+        foreign = set(DATA_FACTS) - init_parameters(type(self.model))
+        if foreign & self.model.hparams.keys():  # `ignore` removes them from what the loggers record too
+            self.model.save_hyperparameters(ignore=sorted(foreign))
 
     def instantiate_trainer(self, **kwargs):
         # Lightning's default bar (Rich when installed) redraws on every step, which costs

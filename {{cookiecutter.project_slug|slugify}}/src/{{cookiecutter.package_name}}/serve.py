@@ -22,8 +22,9 @@ SIGTERM stops the server and every process it started, with exit code 0 (LitServ
 and leaves its workers running).
 
 One LitAPI per kind of model, in `KINDS`, keyed by the checkpoint's model class (its name, or a
-base class's). Generative kinds (a GPT, a chat model) plug in through `TextGenerator`: `PromptAPI`
-serves `POST /predict {"prompt": ...}`, `ChatAPI` the OpenAI-compatible `/v1/chat/completions`.
+base class's). Generative kinds (a language model trained from zero, a chat model) plug in through
+`TextGenerator`: `PromptAPI` serves `POST /predict {"prompt": ...}`, `ChatAPI` the OpenAI-compatible
+`/v1/chat/completions`.
 """
 
 import argparse
@@ -94,7 +95,7 @@ class ClassifyRequest(BaseModel):
 
 
 class PromptRequest(BaseModel):
-    """`POST /predict` of a GPT: a prompt to continue, and how to sample."""
+    """`POST /predict` of a language model trained from zero: a prompt to continue, and how to sample."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: str
@@ -248,7 +249,7 @@ Prompt = str | list[dict[str, str]]  # a text to continue, or chat messages [{"r
 
 
 class TextGenerator(Protocol):
-    """What a generative part (GPT, chat) gives the server for one checkpoint.
+    """What a generative part (a language model, a chat model) gives the server for one checkpoint.
 
     It is built in the main process from the checkpoint path, cheaply (tokenizer and settings,
     no weights), and copied to the HTTP processes, which count prompt tokens with it, and to the
@@ -295,7 +296,8 @@ class GenerativeAPI(ServedAPI):
 
 
 class PromptAPI(GenerativeAPI):
-    """`POST /predict {"prompt": ..., "max_tokens", "temperature", "top_p"}` -> `{"text": ...}` (a GPT)."""
+    """`POST /predict {"prompt": ..., "max_tokens", "temperature", "top_p"}` -> `{"text": ...}` (a language
+    model trained from zero)."""
 
     def decode_request(self, request: PromptRequest) -> PromptRequest:
         return request
@@ -364,7 +366,7 @@ class ChatAPI(GenerativeAPI):
 
 # The model class (its name, or a base class's) -> the LitAPI that serves its checkpoints, called
 # as KIND(checkpoint, hparams, max_batch_size=..., batch_timeout=...). A generative part adds e.g.
-#   KINDS["GPT"] = functools.partial(PromptAPI, generator=<its TextGenerator class>)
+#   KINDS["<its model class>"] = functools.partial(PromptAPI, generator=<its TextGenerator class>)
 #   KINDS["ChatModel"] = functools.partial(ChatAPI, generator=<its TextGenerator class>)
 KINDS: dict[str, Callable[..., ServedAPI]] = {
 {%- if cookiecutter.text == "yes" %}
