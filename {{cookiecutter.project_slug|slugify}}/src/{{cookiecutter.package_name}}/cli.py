@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -33,7 +34,6 @@ from .errors import (
     read_checkpoint,
     weights_mismatch,
 )
-from .models import Classifier
 from .quiet import quiet
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
@@ -302,7 +302,7 @@ def run(args=None, callbacks=(), parse_errors_raise: bool = False, cli_class: ty
     if parse_errors_raise:
         kwargs["exit_on_error"] = False
     return cli_class(
-        Classifier,
+        LightningModule,  # --model: models.Classifier (the default config's), Regressor, ... or your own
         InMemoryDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

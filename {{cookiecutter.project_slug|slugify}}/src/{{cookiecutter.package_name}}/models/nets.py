@@ -204,3 +204,12 @@ def own_network(network: nn.Module, input_shape, num_classes: int) -> nn.Module:
             f"its last layer must give one logit per class ({num_classes} for this data)"
         )
     return network
+
+
+def output_network(network: nn.Module | None, input_shape, outputs: int, width: int, depth: int, dropout: float):
+    """A network from inputs to `outputs` values: your own (checked by `own_network`), or the MLP
+    with a linear output layer (the Regressor's; a table's features need no other backbone)."""
+    if network is not None:
+        return own_network(network, input_shape, outputs)
+    body = MLP(tuple(input_shape), width, depth, dropout)
+    return nn.Sequential(body, nn.Linear(body.out_features, outputs))
