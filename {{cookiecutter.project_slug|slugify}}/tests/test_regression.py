@@ -155,6 +155,22 @@ def test_whole_number_labels_stay_classes(tmp_path):
         assert dm.num_classes == len(set(labels))
 
 
+def test_own_network_gives_one_value_in_the_target_units():
+    from torch import nn
+
+    from {{ cookiecutter.package_name }}.errors import UserError
+    from {{ cookiecutter.package_name }}.models import Regressor
+
+    model = Regressor(input_shape=(3,), network=nn.Linear(3, 1))
+    model.head.mean.fill_(100.0)
+    model.head.std.fill_(10.0)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.backbone(x) * 10 + 100)  # normalisation is 0 and 1 until fit
+    with pytest.raises(UserError, match=r"not \(2, 1\).*a regressor: one value"):
+        Regressor(input_shape=(3,), network=nn.Linear(3, 2))
+
+
 def test_search_direction_follows_the_metric():
     assert [direction_of(m) for m in ("val/rmse", "val/mae", "val/loss", "train/loss_epoch")] == ["minimize"] * 4
     assert [direction_of(m) for m in ("val/acc", "val/f1", "val/r2")] == ["maximize"] * 3

@@ -201,7 +201,8 @@ def own_network(network: nn.Module, input_shape, num_classes: int) -> nn.Module:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(
             f"model.network {name}: returns {got} for a batch of 2, not (2, {num_classes}): "
-            f"its last layer must give one logit per class ({num_classes} for this data)"
+            f"its last layer must give {num_classes} outputs per sample (a classifier: one logit per class; "
+            "a regressor: one value)"
         )
     return network
 
