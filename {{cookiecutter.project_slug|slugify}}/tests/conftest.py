@@ -100,6 +100,18 @@ def write_table(path: Path, rows: int = 60) -> Path:
     return path
 
 
+def write_numbers(path: Path, rows: int = 160, targets: list[str] | None = None) -> Path:
+    """`x1,x2,x3,y` with y = 50 + 20 x1 - 10 x2 + small noise (x3 is noise): a target far from 0 and 1,
+    so that a model which did not undo the standardisation would be far off. `targets`: the y cells as written."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 3, generator=g)
+    y = 50 + 20 * x[:, 0] - 10 * x[:, 1] + 0.5 * torch.randn(rows, generator=g)
+    cells = targets or [f"{v:.4f}" for v in y.tolist()]
+    lines = ["x1,x2,x3,y"] + [",".join(f"{v:.4f}" for v in r) + f",{t}" for r, t in zip(x.tolist(), cells)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_images(root: Path, per_class: int = 6, size: int = 12) -> Path:
     """root/<red|blue>/*.png: small RGB images whose class is their colour."""
     from PIL import Image

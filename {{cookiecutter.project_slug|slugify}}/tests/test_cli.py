@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SMALL, run_cli, run_train_py, write_images, write_table
+from conftest import ROOT, SMALL, run_cli, run_train_py, write_images, write_numbers, write_table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from {{ cookiecutter.package_name }}.cli import run
@@ -31,6 +31,8 @@ def data_args(config: Path, where: Path) -> list[str]:
     """Options that point a config at small local data of the kind it reads."""
     data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
     kind = data.get("class_path", "MNISTDataModule").rsplit(".", 1)[-1]
+    if kind == "CSVDataModule" and (data.get("init_args") or {}).get("task") == "regression":
+        return [f"--data.path={write_numbers(where / 'numbers.csv')}", "--data.label_column=y"]
     if kind == "CSVDataModule":
         return [f"--data.path={write_table(where / 'table.csv')}"]
     if kind == "ImageFolderDataModule":
@@ -63,9 +65,10 @@ def test_fast_dev_run_of_every_config(workdir, config):
     if "vocab_size" in cli.model.hparams:  # a language model: the tokenizer's size
         assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size > 0
         return
-    assert cli.model.hparams.num_classes == cli.datamodule.num_classes
     assert tuple(cli.model.hparams.input_shape) == tuple(cli.datamodule.input_shape)
-    assert cli.model.hparams.class_names == cli.datamodule.class_names
+    if not getattr(cli.datamodule, "regression", False):  # a Regressor has one output and no classes
+        assert cli.model.hparams.num_classes == cli.datamodule.num_classes
+        assert cli.model.hparams.class_names == cli.datamodule.class_names
 
 
 def test_short_fit_beats_chance_and_test_from_best_checkpoint(workdir):

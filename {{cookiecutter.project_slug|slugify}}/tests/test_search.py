@@ -199,6 +199,12 @@ def test_metric_and_direction_choose_what_is_optimised(space):
     assert study.best_trial.value == min(t.value for t in study.trials)
 
 
+def test_direction_follows_the_metric():
+    """Without --direction: a loss or an error (RMSE of a regression) is minimised, a score maximised."""
+    assert [search.direction_of(m) for m in ("val/rmse", "val/mae", "val/loss", "train/loss_epoch")] == ["minimize"] * 4
+    assert [search.direction_of(m) for m in ("val/acc", "val/f1", "val/r2")] == ["maximize"] * 3
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelSum
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from PIL import Image, ImageDraw, ImageFont
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from .errors import rank_zero_print
 from .internals import tensorboard_file_writer, validation_log_step
@@ -33,7 +33,8 @@ def class_names(pl_module, num_classes: int) -> list[str]:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes the predictions of `predict` to a CSV file: `id,predicted,probability[,label]`.
+    """Writes the predictions of `predict` to a CSV file: `id,predicted,probability[,label]`, or for a
+    model that predicts numbers (models.Regressor: one value per sample) `id,predicted[,label]`.
 
     `id` names the sample: its index in the split (MNIST family), its line in the CSV file,
     or the image's path; `predicted` is the most probable class, `probability` its softmax
@@ -60,7 +61,12 @@ class PredictionWriter(BasePredictionWriter):
         self.split = getattr(data, "predict_split", None)
         splits = getattr(data, "splits", {})
         labels = splits[self.split][1].cpu() if self.split in splits else None
-        self.labels = labels if labels is not None and len(labels) and int(labels.min()) >= 0 else None
+        # Unknown labels: -1 (classes) or NaN (numbers), as DataModules mark the samples of a predict file.
+        known = labels is not None and len(labels) > 0
+        if known:
+            known = bool(labels.isfinite().all()) if labels.is_floating_point() else int(labels.min()) >= 0
+        self.labels = labels if known else None
+        self.values = False  # whether the model predicts numbers (one value per sample), from the first batch
         self.ids = data.sample_ids(self.split) if hasattr(data, "sample_ids") else None
         self.names = None  # from the first batch, once the number of classes is known
         self.count = 0
@@ -70,6 +76,13 @@ class PredictionWriter(BasePredictionWriter):
         self._writer = csv.writer(self._file)
 
     def _write(self, probs: torch.Tensor, indices) -> None:
+        if probs.dim() == 1:  # numbers in the target's units: written as they are, beside the true value
+            self.values = True
+            for i, v in zip(indices, probs.float().tolist()):
+                true = [f"{float(self.labels[i]):.7g}"] if self.labels is not None else []
+                self._writer.writerow([i, self.ids[i] if self.ids else str(i), f"{v:.7g}", *true])
+            self.count += len(indices)
+            return
         best, predicted = probs.float().max(dim=-1)
         if self.names is None:
             self.names = class_names(self._module, probs.shape[-1])
@@ -121,7 +134,7 @@ class PredictionWriter(BasePredictionWriter):
     def _finish(self, rows: list[list[str]] | None) -> None:
         """Write header and rows (without the index column) to a new file that replaces `path`."""
         temporary = self.path.with_name(f".{self.path.name}.tmp")
-        header = ["id", "predicted", "probability"] + (["label"] if self.labels is not None else [])
+        header = ["id", "predicted"] + ["probability"] * (not self.values) + ["label"] * (self.labels is not None)
         try:
             with open(temporary, "w", newline="", encoding="utf-8") as out:
                 writer = csv.writer(out)
@@ -154,7 +167,9 @@ class LayerTable(ModelSummary):
     """
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.hidden = {name for name, module in pl_module.named_children() if isinstance(module, Metric)}
+        self.hidden = {
+            name for name, module in pl_module.named_children() if isinstance(module, (Metric, MetricCollection))
+        }
         example = pl_module.example_input_array
         if isinstance(example, torch.Tensor):
             # In the weights' dtype (bf16-true: bfloat16); none under FSDP (the network may run only
@@ -249,13 +264,41 @@ def sample_grid(images: list[torch.Tensor], captions: list[str], columns: int = 
     return grid
 
 
+def scatter_image(predicted: torch.Tensor, true: torch.Tensor, size: int = 320) -> Image.Image:
+    """Predicted (vertical) against true values (horizontal), both axes over the same range, with
+    the diagonal where a perfect model's points would lie."""
+    font = ImageFont.load_default()
+    lo, hi = float(torch.minimum(predicted.min(), true.min())), float(torch.maximum(predicted.max(), true.max()))
+    span = (hi - lo) or 1.0
+    left, top, inner = 36, 16, size - 48  # the plot's square: room for the title above, values left and below
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+
+    def point(t: float, p: float) -> tuple[float, float]:
+        return left + (t - lo) / span * inner, top + inner - (p - lo) / span * inner
+
+    draw.rectangle([*point(lo, hi), *point(hi, lo)], outline=(160, 160, 160))
+    draw.line([point(lo, lo), point(hi, hi)], fill=(200, 200, 200))
+    for t, p in zip(true.tolist(), predicted.tolist()):
+        x, y = point(t, p)
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(40, 90, 200))
+    draw.text((2, 2), "predicted (up) against true (right)", fill="black", font=font)
+    for value, (x, y) in ((lo, point(lo, lo)), (hi, point(hi, lo))):
+        draw.text((x - 8, y + 4), f"{value:.4g}", fill="black", font=font)
+    draw.text((2, point(lo, hi)[1] - 4), f"{hi:.4g}", fill="black", font=font)
+    return image
+
+
 class TensorBoardViews(Callback):
     """Images at the end of validation, and the HPARAMS tab, for runs logged with TensorBoard.
 
     `val/confusion_matrix`: rows are the true classes, columns the predicted ones; each cell
     is shaded by its share of the row (the diagonal in blue) and shows its count (up to 20
     classes). `val/misclassified`: validation images the model got wrong, each captioned with its
-    true class and, below, `-> predicted` (image data only). The HPARAMS tab lists the run's
+    true class and, below, `-> predicted` (image data only). For a model that predicts numbers
+    (its validation_step returns `predicted` and `target`, as models.Regressor's does):
+    `val/predicted_vs_true`, a scatter plot, and `val/residuals`, a histogram of predicted - true
+    (this process's share of the validation set). The HPARAMS tab lists the run's
     hyperparameters beside the last value of each metric of `hparams_metrics`.
 
     Args:
@@ -278,6 +321,7 @@ class TensorBoardViews(Callback):
         self._hook = None
         self._logits = None
         self._wrong: list[tuple[torch.Tensor, int, int]] = []
+        self._values: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (predicted, true) of a regression
 
     @staticmethod
     def _tensorboard(trainer) -> TensorBoardLogger | None:
@@ -308,6 +352,7 @@ class TensorBoardViews(Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._wrong = []
+        self._values = [] if self.should_draw(trainer) and trainer.is_global_zero else None
         if self.misclassified and self.should_draw(trainer) and trainer.is_global_zero:
             # The logits of the validation steps, as the model computes them: no extra forward pass.
             self._hook = pl_module.register_forward_hook(self._keep_logits)
@@ -316,6 +361,8 @@ class TensorBoardViews(Callback):
         self._logits = output
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._values is not None and isinstance(outputs, dict) and "predicted" in outputs:
+            self._values.append((outputs["predicted"].detach().float().cpu(), outputs["target"].float().cpu()))
         logits, self._logits = self._logits, None
         need = self.misclassified - len(self._wrong)
         if self._hook is None or need <= 0 or logits is None:
@@ -361,7 +408,12 @@ class TensorBoardViews(Callback):
             names = class_names(pl_module, self._num_classes)
             grid = sample_grid(list(images), [f"{names[t]}\n-> {names[p]}" for t, p in zip(true, predicted)])
             experiment.add_image("val/misclassified", np.asarray(grid), step, dataformats="HWC")
-        self._wrong = []
+        if self._values:
+            predicted, true = (torch.cat(parts) for parts in zip(*self._values))
+            image = scatter_image(predicted, true)
+            experiment.add_image("val/predicted_vs_true", np.asarray(image), step, dataformats="HWC")
+            experiment.add_histogram("val/residuals", (predicted - true).numpy(), step)
+        self._wrong, self._values = [], None
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._hook is not None:

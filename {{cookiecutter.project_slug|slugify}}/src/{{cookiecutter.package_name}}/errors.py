@@ -5,6 +5,7 @@ Every module may import this one; it imports nothing of the package, and Lightni
 when a function needs them (so it can report a broken install of them).
 """
 
+import inspect
 import pickle
 import sys
 import textwrap
@@ -82,19 +83,22 @@ def weights_mismatch(err: BaseException) -> str | None:
     return None
 
 
-def saved_class(checkpoint: dict, base: type) -> type:
+def saved_class(checkpoint: dict, base: type | tuple[type, ...]) -> type:
     """The class LightningCLI saved in the checkpoint (`_class_path`, e.g. a FineTuner) when it is an
-    imported subclass of `base`, else `base`. `base.load_from_checkpoint` alone would build a `base`:
-    Lightning drops `_class_path` for classes whose __init__ takes no **kwargs."""
+    imported subclass of `base` (of one of them), else `base` (the first). `base.load_from_checkpoint`
+    alone would build a `base`: Lightning drops `_class_path` for classes whose __init__ takes no **kwargs."""
+    bases = base if isinstance(base, tuple) else (base,)
     module, _, name = str(checkpoint.get("hyper_parameters", {}).get("_class_path", "")).rpartition(".")
     found = getattr(sys.modules.get(module), name, None)
-    return found if isinstance(found, type) and issubclass(found, base) else base
+    return found if isinstance(found, type) and issubclass(found, bases) else bases[0]
 
 
 def load_model(cls, path: Path, **kwargs):
-    """The model (a `cls`) of checkpoint `path`, on the CPU, in eval mode (loaded with weights_only=True)."""
+    """The model (a `cls`, or one of a tuple of classes) of checkpoint `path`, on the CPU, in eval mode
+    (loaded with weights_only=True); `kwargs`: settings that replace the checkpoint's, where the class has them."""
     checkpoint = read_checkpoint(path, f"--ckpt_path={path}")  # one clear error for a missing, truncated or unsafe file
     cls = saved_class(checkpoint, cls)
+    kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters}
     try:
         model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
     except Exception as err:

@@ -10,7 +10,8 @@ exported network is the model's normalisation (the training data's mean and std,
 the checkpoint), the backbone and the head, with any LoRA adapters merged; the batch
 dimension is dynamic. So it takes raw inputs: images as float32 pixels in [0, 1] (uint8
 values / 255), tables as their feature values in the training file's column order; it
-returns logits.
+returns logits (a Regressor: the predicted value in the target's units, its last layer undoing
+the target's standardisation).
 
 Beside the file, `<file>.json` records what a deployment needs (README, Use the exported
 model): the input's shape, dtype and range, a table's feature columns, the class names in
@@ -64,7 +65,8 @@ def raw_inputs(model, shape: tuple[int, ...], sizes, generator: torch.Generator)
 
 def deployment_info(model, shape: tuple[int, ...], fmt: str, out: Path, checkpoint: Path) -> dict:
     """What the JSON file beside an export says: enough to feed the model and read its output."""
-    names = model.hparams.get("class_names") or [str(k) for k in range(model.hparams.get("num_classes"))]
+    regression = model.hparams.get("num_classes") is None  # a Regressor: one number per sample
+    names = [] if regression else model.hparams.get("class_names") or range(model.hparams.get("num_classes"))
     kind = input_kind(shape)
     described = {
         "image": "pixels as float32 in [0, 1] (uint8 value / 255), channels first: (batch, channels, height, width)",
@@ -82,14 +84,18 @@ def deployment_info(model, shape: tuple[int, ...], fmt: str, out: Path, checkpoi
             "description": described[kind],
         },
         "features": model.hparams.get("feature_names") if kind == "table" else None,
-        "classes": [str(n) for n in names],
-        "output": "logits, one per class in the order of `classes`; softmax gives probabilities",
+        "classes": None if regression else [str(n) for n in names],
+        "output": "the predicted value in the target's units, shape (batch, 1)"
+        if regression
+        else "logits, one per class in the order of `classes`; softmax gives probabilities",
         # Already applied inside the model; here for reference only.
         "normalization": {
             "mean": model.normalize.mean.flatten().tolist(),
             "std": model.normalize.std.flatten().tolist(),
         },
     }
+    if regression:  # also inside the model (its last layer): the target's statistics of the training rows
+        info["target"] = {"mean": float(model.head.mean), "std": float(model.head.std)}
     if fmt == "onnx":
         info["onnx"] = {"input": "input", "output": "logits"}
     return info
@@ -164,9 +170,9 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
     if is_text_checkpoint(checkpoint):  # a TextClassifier: two inputs, and its tokenizer beside the file
         return export_text(checkpoint, fmt, Path(output or checkpoint.with_suffix(FORMATS[fmt])), batch_size, tolerance)
 {%- endif %}
-    from .models import Classifier
+    from .models import Classifier, Regressor
 
-    model = load_model(Classifier, checkpoint, compile=False)
+    model = load_model((Classifier, Regressor), checkpoint, compile=False)
     net = inference_network(model)
     shape = tuple(model.hparams.get("input_shape") or (1, 28, 28))
     out = Path(output) if output else checkpoint.with_suffix(FORMATS[fmt])
@@ -213,10 +219,15 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
     print(line)
     classes = model.hparams.get("class_names")
     raw = "pixels in [0, 1] (uint8 / 255)" if input_kind(shape) == "image" else "raw feature values"
+    if isinstance(model, Regressor):
+        output = "the predicted value in the target's units, (batch, 1)"
+    else:
+        output = f"logits for {model.hparams.get('num_classes')} classes" + (
+            f" ({', '.join(map(str, classes))})" if classes else ""
+        )
     print(
         f"Input: float32 (batch, {', '.join(map(str, shape))}), {raw}: the training data's normalisation is "
-        f"inside the model; output: logits for {model.hparams.get('num_classes')} classes"
-        + (f" ({', '.join(map(str, classes))})" if classes else "")
+        f"inside the model; output: {output}"
     )
     print(f"Wrote {described}: input shape, dtype and range, class names (and feature columns) for deployment")
     return out

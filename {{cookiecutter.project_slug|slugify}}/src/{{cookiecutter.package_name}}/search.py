@@ -35,6 +35,9 @@ class TrialFailed(Exception):
     """A trial that could not give a value; the message is its reason."""
 
 
+MINIMISED = ("loss", "rmse", "mse", "mae", "error")  # metric names a search minimises by default
+
+
 class TrialMonitor(Callback):
     """Reports `metric` after each validation; stops the run when Optuna prunes it or a logged value
     (a loss) is NaN or infinite: a diverged trial gives no value."""
@@ -182,7 +185,8 @@ def parse(argv):
     parser.add_argument("--study-name", default="search")
     parser.add_argument("--output", default="runs/search", help="trials' logs and best.yaml go here")
     parser.add_argument("--metric", default="val/acc", help="the logged value to optimise")
-    parser.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
+    parser.add_argument("--direction", choices=("maximize", "minimize"), default=None,
+                        help="default: from --metric (minimize loss, rmse, mae, ...; maximize the rest)")  # fmt: skip
     parser.add_argument("--pruner", choices=("median", "none"), default="median", help="stop poor trials early")
     parser.add_argument("--seed", type=int, default=42, help="the sampler's seed")
     parser.add_argument("--summary", action="store_true", help="print the table and write best.yaml; no trials")
@@ -191,7 +195,14 @@ def parse(argv):
         parser.error(f"unexpected argument {passed[0]}")
     if not args.summary and (not args.config or not args.space):
         parser.error("--config and --space are needed (or --summary to show an existing study)")
+    args.direction = args.direction or direction_of(args.metric)
     return args, passed
+
+
+def direction_of(metric: str) -> str:
+    """'minimize' for a loss or an error (val/loss, val/rmse, val/mae), 'maximize' for a score (val/acc, val/r2)."""
+    name = metric.rsplit("/", 1)[-1].lower()
+    return "minimize" if name.startswith(MINIMISED) or name.endswith(MINIMISED) else "maximize"
 
 
 def search(args, passed: list[str]) -> None:

@@ -123,6 +123,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.ids: dict[str, list[str]] = {}  # a name per sample (file, line) where a split has one
         self.mean = self.std = None  # of the training split's model inputs, per channel or feature
+        self.target_mean = self.target_std = None  # of the training split's numeric targets (regression)
+        self.unknown_label = -1  # the label of samples to predict (regression: NaN)
         self.trained = None  # the checkpoint's model settings, for test/predict (use_trained)
         self.training_subset = TrainingSubset()  # set by limit_training
         self.shuffle_seed, self.resume_at, self.restored_seed = None, {}, None  # see state_dict
@@ -149,6 +151,8 @@ class InMemoryDataModule(L.LightningDataModule):
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 2 else [0]
         self.mean = x.mean(dim=dims, keepdim=True)[0]
         self.std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
+        if train[1].is_floating_point():  # a number to predict: the model standardises it with these
+            self.target_mean, self.target_std = train[1].mean(), train[1].std().clamp_min(1e-6)
 
     def use_trained(self, model_args: dict) -> None:
         """Before `test` or `predict` from a checkpoint (the CLI calls it): the settings the model was
@@ -224,10 +228,10 @@ class InMemoryDataModule(L.LightningDataModule):
         return None
 
     def load_predict(self) -> bool:
-        """Read the samples of `read_predict` into a 'predict' split (labels -1); False if there are none."""
+        """Read the samples of `read_predict` into a 'predict' split (labels `unknown_label`); False if none."""
         if "predict" not in self.splits and (found := self.read_predict()) is not None:
             x, self.ids["predict"] = found
-            self.splits["predict"] = (x, torch.full((len(x),), -1))
+            self.splits["predict"] = (x, torch.full((len(x),), self.unknown_label))
         return "predict" in self.splits
 
     def predict_dataloader(self) -> DataLoader:

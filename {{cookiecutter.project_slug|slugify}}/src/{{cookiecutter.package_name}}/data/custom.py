@@ -3,6 +3,8 @@
 Both read everything once into memory. Splits come from you (`train`/`val`/`test` files
 or folders) or are cut reproducibly from the training data by fraction and seed.
 Class names are sorted (numerically when they are all integers): label k is the k-th.
+A table's target may instead be a number to predict (`task: regression`): read as a float, with
+the training split's mean and standard deviation, which the model keeps to answer in its units.
 From a checkpoint (`test`, `predict`), the model's own class names and feature columns are
 used instead, so `predict` on a new file needs none of the training files.
 """
@@ -12,6 +14,7 @@ import io
 import math
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +24,7 @@ from .augment import Augmentation
 from .batches import InMemoryDataModule, split_indices
 
 SPLITS = ("train", "val", "test")
+MAX_DECIMAL_CLASSES = 20  # more distinct decimal labels than this: the classifier points to regression
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -47,9 +51,14 @@ class FileDataModule(InMemoryDataModule):
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.seed = seed
 
+    regression = False  # CSVDataModule's task: regression reads numbers instead of classes
+
     @cached_property
-    def samples(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    def samples(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str] | None, dict]:
         parts, where = self.read()
+        if self.regression:  # the labels are already floats (CSVDataModule._target)
+            tensors = {s: (x, torch.tensor(values, dtype=torch.float32)) for s, (x, values, _) in parts.items()}
+            return tensors, None, {s: ids for s, (_, _, ids) in parts.items()}
         found = sort_classes(name for _, names, _ in parts.values() for name in names)
         classes = list(map(str, self.trained_value("class_names") or found))  # the model's order, from a checkpoint
         if len(classes) < 2:
@@ -70,7 +79,7 @@ class FileDataModule(InMemoryDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return 1 if self.regression else len(self.class_names)  # regression: one output
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -110,6 +119,8 @@ class CSVDataModule(FileDataModule):
             `predict` classifies instead of the test rows.
         id_column: a column naming each row, kept out of the features, for the `id` of the
             prediction CSV; default: the row's line number in its file (the header is line 1).
+        task: 'classification' (labels are classes) or 'regression' (the label column holds the
+            number to predict; configs/regression_csv.yaml).
     """
 
     def __init__(
@@ -126,9 +137,16 @@ class CSVDataModule(FileDataModule):
         train_fraction: float = 1.0,
         predict_file: str | None = None,
         id_column: str | None = None,
+        task: Literal["classification", "regression"] = "classification",
     ):
         super().__init__(val_fraction, test_fraction, batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.regression = task == "regression"
+        if self.regression and (samples_per_class is not None or train_fraction < 1):
+            raise UserError(
+                "samples_per_class and train_fraction pick samples per class: leave them out with task: regression"
+            )
+        self.unknown_label = math.nan if self.regression else -1  # the label of a row to predict
         self.limit_training(samples_per_class, train_fraction, seed)
         self.features = None  # the training file's feature columns, looked up by name in the others
 
@@ -185,7 +203,7 @@ class CSVDataModule(FileDataModule):
                     f"{path}: feature columns {absent or features} not found; columns: {header} "
                     "(set --data.feature_columns)"
                 )
-            rows, labels, ids = [], [], []
+            rows, labels, ids, lines = [], [], [], []
             for row in reader:
                 line = reader.line_num  # counts blank lines, which the reader skips
                 rows.append([self._number(row.get(c), path, line, c) for c in features])
@@ -194,10 +212,51 @@ class CSVDataModule(FileDataModule):
                     continue
                 if not (row.get(label) or "").strip():
                     raise UserError(f"{path}:{line}: the label is empty (fill it in or remove the row)")
-                labels.append(row[label].strip())
+                labels.append(self._target(row[label], path, line) if self.regression else row[label].strip())
+                lines.append(line)
         if not rows:
             raise UserError(f"{path}: the file has a header but no rows")
+        if labelled:
+            self._check_labels(labels, lines, path)
         return torch.tensor(rows, dtype=torch.float32), labels, ids
+
+    def _target(self, text: str, path: Path, line: int) -> float:
+        """A regression target: a finite number, else one ERROR line naming the cell."""
+        column = self.hparams.label_column
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(
+                f"{path}:{line}: target column {column!r} holds {text.strip()!r}, not a number; a regression "
+                "target must be numeric: fix the value or drop the row (for classes use configs/custom_csv.yaml)"
+            ) from None
+        if not math.isfinite(value):
+            raise UserError(
+                f"{path}:{line}: target column {column!r} is {text.strip()!r}; fix the value or drop the row"
+            )
+        return value
+
+    def _check_labels(self, labels: list, lines: list[int], path: Path) -> None:
+        """Refuse labels that cannot be learnt as they are: a constant regression target, or decimal
+        numbers with many distinct values given to the classifier (a quantity, not classes)."""
+        column = self.hparams.label_column
+        if self.regression and len(labels) > 1 and len(set(labels)) == 1:
+            raise UserError(
+                f"{path}:{lines[0]}: target column {column!r} is {labels[0]:g} in all {len(labels)} rows: "
+                "nothing to learn; check --data.label_column"
+            )
+        if self.regression or len(set(labels)) <= MAX_DECIMAL_CLASSES:
+            return
+        for value, line in zip(labels, lines):
+            try:
+                number = float(value)
+            except ValueError:
+                return  # names: classes
+            if math.isfinite(number) and not number.is_integer():
+                raise UserError(
+                    f"{path}:{line}: label column {column!r} holds decimal numbers ({value}, {len(set(labels))} "
+                    "distinct values): a quantity to predict, not classes; use --config configs/regression_csv.yaml"
+                )
 
     @staticmethod
     def _number(text: str | None, path: Path, line: int, column: str) -> float:

@@ -1,4 +1,5 @@
 from .classifier import Classifier
 from .finetune import FineTuner
+from .regressor import Regressor
 
-__all__ = ["Classifier", "FineTuner"]
+__all__ = ["Classifier", "FineTuner", "Regressor"]

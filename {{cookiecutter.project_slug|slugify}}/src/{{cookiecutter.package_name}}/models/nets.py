@@ -207,6 +207,16 @@ def own_network(network, input_shape, num_classes: int) -> nn.Module:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(
             f"model.network {name}: returns {got} for a batch of 2, not (2, {num_classes}): "
-            f"its last layer must give one logit per class ({num_classes} for this data)"
+            f"its last layer must give {num_classes} outputs per sample (a classifier: one logit per class; "
+            "a regressor: one value)"
         )
     return network
+
+
+def output_network(network: nn.Module | None, input_shape, outputs: int, width: int, depth: int, dropout: float):
+    """A network from inputs to `outputs` values: your own (checked by `own_network`), or the MLP
+    with a linear output layer (the Regressor's; a table's features need no other backbone)."""
+    if network is not None:
+        return own_network(network, input_shape, outputs)
+    body = MLP(tuple(input_shape), width, depth, dropout)
+    return nn.Sequential(body, nn.Linear(body.out_features, outputs))
