@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import LayerTable, PredictionWriter, TensorBoardViews
 from .checkpointing import AtomicCheckpointIO
-from .data.batches import InMemoryDataModule
 from .errors import (
     UserError,
     effective_batch_size,
@@ -33,7 +33,6 @@ from .errors import (
     read_checkpoint,
     weights_mismatch,
 )
-from .models import Classifier
 from .quiet import quiet
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_mlp.yaml"
@@ -103,13 +102,18 @@ def describe_run(trainer, model) -> str:
     return line + ("; backbone compiled (torch.compile)" if model.hparams.get("compile") else "")
 
 
-def is_text_model(model) -> bool:
-    """Whether the parsed `model` (class_path and init_args) is a TextClassifier."""
-    from .models import TextClassifier
-
+def model_class(model) -> type | None:
+    """The class the parsed `model` (class_path and init_args) names, or None."""
     module, _, name = str(model.get("class_path", "")).rpartition(".")
     found = getattr(sys.modules.get(module), name, None)  # jsonargparse imported it while parsing
-    return isinstance(found, type) and issubclass(found, TextClassifier)
+    return found if isinstance(found, type) else None
+
+
+def is_text_model(model) -> bool:
+    """Whether the parsed `model` is a TextClassifier."""
+    from .models import TextClassifier
+
+    return issubclass(model_class(model) or object, TextClassifier)
 
 
 def prepare_text_run(config) -> None:
@@ -221,6 +225,16 @@ class CLI(LightningCLI):
         setup_hardware(config.trainer)
         if is_text_model(config.model):
             prepare_text_run(config)
+{%- if cookiecutter.chat == "yes" %}
+        if getattr(model_class(config.model), "__name__", None) == "ChatModel":
+            from .chat_template import CHAT_EXTRA
+            from .pretrained import transformers
+
+            transformers(CHAT_EXTRA)  # one ERROR line with the install command when the extra is missing
+            data = config.data.get("init_args")
+            if data is not None and "tokenizer" in data and not data.tokenizer:
+                data.tokenizer = config.model.init_args.model_name_or_path  # the data's tokenizer is the model's
+{%- endif %}
         if self.subcommand == "fit" and config.get("ckpt_path") and config.model.init_args.get("init_from"):
             # A resumed fit takes every weight from its checkpoint: the model's init_from (from the
             # checkpoint's settings) is not read, and its file may be gone.
@@ -302,8 +316,8 @@ def run(args=None, callbacks=(), parse_errors_raise: bool = False, cli_class: ty
     if parse_errors_raise:
         kwargs["exit_on_error"] = False
     return cli_class(
-        Classifier,
-        InMemoryDataModule,
+        LightningModule,  # any model and data class of the project (the configs name them by class path)
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,
