@@ -23,6 +23,7 @@ EXPECTED_FILES = [
     "README.zh-CN.md",
     "benchmarks/finetune.py",
     "benchmarks/overhead.py",
+    "benchmarks/sft.py",
     "benchmarks/text_finetune.py",
     "configs/custom_csv.yaml",
     "configs/custom_images.yaml",
@@ -37,6 +38,8 @@ EXPECTED_FILES = [
     "configs/my_network.yaml",
     "configs/search/cnn.yaml",
     "configs/search/mlp.yaml",
+    "configs/sft_full.yaml",
+    "configs/sft_lora.yaml",
     "configs/text_full.yaml",
     "configs/text_lora.yaml",
     "configs/trainer/cpu.yaml",
@@ -52,11 +55,15 @@ EXPECTED_FILES = [
     "scripts/slurm.sbatch",
     "src/{pkg}/__init__.py",
     "src/{pkg}/callbacks.py",
+    "src/{pkg}/chat_export.py",
+    "src/{pkg}/chat_generate.py",
+    "src/{pkg}/chat_template.py",
     "src/{pkg}/checkpointing.py",
     "src/{pkg}/cli.py",
     "src/{pkg}/data/__init__.py",
     "src/{pkg}/data/augment.py",
     "src/{pkg}/data/batches.py",
+    "src/{pkg}/data/chat.py",
     "src/{pkg}/data/custom.py",
     "src/{pkg}/data/digits.csv.gz",
     "src/{pkg}/data/download.py",
@@ -68,6 +75,7 @@ EXPECTED_FILES = [
     "src/{pkg}/export.py",
     "src/{pkg}/internals.py",
     "src/{pkg}/models/__init__.py",
+    "src/{pkg}/models/chat.py",
     "src/{pkg}/models/classifier.py",
     "src/{pkg}/models/finetune.py",
     "src/{pkg}/models/fsdp.py",
@@ -83,7 +91,11 @@ EXPECTED_FILES = [
     "src/{pkg}/tuning.py",
     "tests/conftest.py",
     "tests/probe.py",
+    "tests/chatdata.py",
     "tests/test_augment.py",
+    "tests/test_chat.py",
+    "tests/test_chat_data.py",
+    "tests/test_chat_smollm2.py",
     "tests/test_cli.py",
     "tests/test_crash_safety.py",
     "tests/test_custom_data.py",
@@ -135,8 +147,27 @@ LICENSE_PHRASES = {
 DEPENDENCIES = {"torch", "lightning", "torchmetrics", "tensorboard", "jsonargparse", "pillow"}
 
 
-def expected_files(package: str, license: str = "MIT", github_actions: str = "yes") -> set[str]:
+# The chat part's files (chat=no leaves them out).
+CHAT_FILES = {
+    "benchmarks/sft.py",
+    "configs/sft_full.yaml",
+    "configs/sft_lora.yaml",
+    "src/{pkg}/chat_export.py",
+    "src/{pkg}/chat_generate.py",
+    "src/{pkg}/chat_template.py",
+    "src/{pkg}/data/chat.py",
+    "src/{pkg}/models/chat.py",
+    "tests/chatdata.py",
+    "tests/test_chat.py",
+    "tests/test_chat_data.py",
+    "tests/test_chat_smollm2.py",
+}
+
+
+def expected_files(package: str, license: str = "MIT", github_actions: str = "yes", chat: str = "yes") -> set[str]:
     files = {path.format(pkg=package) for path in EXPECTED_FILES}
+    if chat == "no":
+        files -= {path.format(pkg=package) for path in CHAT_FILES}
     if license == "Proprietary":
         files.remove("LICENSE")
     if github_actions == "no":
@@ -275,6 +306,21 @@ def test_custom_project_name_sets_slug_and_package(bake):
         if "lightning_project" in path or "lightning_project" in (project / path).read_text(errors="replace")
     ]
     assert stale == []
+
+
+def test_chat_no_leaves_no_trace(bake):
+    """chat=no: none of the part's files, no `chat` extra, no CI line, no README section; ruff passes."""
+    result = bake(project_name="Digit Lab", chat="no")
+
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    assert relative_files(project) == expected_files("digit_lab", chat="no")
+    assert "chat" not in tomllib.loads((project / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("pyproject.toml", ".github/workflows/ci.yml", "README.md", "README.zh-CN.md", "src/digit_lab/cli.py"):
+        text = (project / name).read_text(encoding="utf-8").lower()
+        assert "smollm2" not in text and "chatmodel" not in text and "sft_lora" not in text, name
+    assert leftovers(project) == []
+    assert ruff(project, "check").returncode == 0
 
 
 def test_baked_project_passes_ruff(bake):

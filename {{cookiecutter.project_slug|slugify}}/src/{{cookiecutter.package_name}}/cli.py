@@ -225,16 +225,9 @@ class CLI(LightningCLI):
         setup_hardware(config.trainer)
         if is_text_model(config.model):
             prepare_text_run(config)
-{%- if cookiecutter.chat == "yes" %}
-        if getattr(model_class(config.model), "__name__", None) == "ChatModel":
-            from .chat_template import CHAT_EXTRA
-            from .pretrained import transformers
-
-            transformers(CHAT_EXTRA)  # one ERROR line with the install command when the extra is missing
-            data = config.data.get("init_args")
-            if data is not None and "tokenizer" in data and not data.tokenizer:
-                data.tokenizer = config.model.init_args.model_name_or_path  # the data's tokenizer is the model's
-{%- endif %}
+        prepare = getattr(model_class(config.model), "prepare_run", None)
+        if prepare is not None:
+            prepare(config)  # what a kind of model needs before anything is built (e.g. its data's tokenizer)
         if self.subcommand == "fit" and config.get("ckpt_path") and config.model.init_args.get("init_from"):
             # A resumed fit takes every weight from its checkpoint: the model's init_from (from the
             # checkpoint's settings) is not read, and its file may be gone.

@@ -86,6 +86,15 @@ class ChatModel(LightningModule):
         self.strict_loading = False  # a LoRA checkpoint leaves out the pretrained weights (see on_load_checkpoint)
         self.token_loss = MeanMetric()  # mean over tokens: each batch's mean weighted by its token count
 
+    @staticmethod
+    def prepare_run(config) -> None:
+        """Called by the command line before it builds anything: the chat extra must be installed, and the
+        data's tokenizer is the model's unless --data.tokenizer names another."""
+        transformers(CHAT_EXTRA)  # one ERROR line with the install command when the extra is missing
+        data = config.data.get("init_args")
+        if data is not None and "tokenizer" in data and not data.tokenizer:
+            data.tokenizer = config.model.init_args.model_name_or_path
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
