@@ -132,7 +132,8 @@ def main() -> None:
     names = {"base": "SmolLM2 before fine-tuning", "lora": "LoRA r=8, all linear", "full": "full fine-tune",
              "scratch": "random weights, all train"}  # fmt: skip
     print(f"\n{known.train} training / {known.val} held-out dialogues (English + Chinese), {known.epochs} epoch(s)")
-    print(f"| {'run':28} | held-out loss | tokens/s | peak memory |\n|{'-' * 30}|---------------|----------|-------------|")
+    print(f"| {'run':28} | held-out loss | tokens/s | peak memory |")
+    print(f"|{'-' * 30}|---------------|----------|-------------|")
     for kind, r in rows.items():
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         print(f"| {names[kind]:28} | {r['loss']:13.3f} | {tps:>8} | {r['peak_mb']:8.0f} MB |")

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .chat_template import CHAT_EXTRA, prompt_ids
 from .chat_generate import load_chat_model
+from .chat_template import CHAT_EXTRA, prompt_ids
 from .errors import UserError, print_error
 from .pretrained import transformers
 

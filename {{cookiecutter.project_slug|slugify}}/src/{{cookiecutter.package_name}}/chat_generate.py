@@ -15,7 +15,8 @@ from .errors import GIVE_A_CHECKPOINT, UserError, checkpoint_error, print_error,
 
 
 def load_chat_model(given: str, log_dir: str = "logs"):
-    """The ChatModel of checkpoint `given` (a path, or best / last: the newest under `log_dir`), on the CPU, in eval mode."""
+    """The ChatModel of checkpoint `given` (a path, or best / last: the newest under `log_dir`), on the CPU,
+    in eval mode, rebuilt from its `model_name_or_path` plus the weights the checkpoint holds."""
     from .cli import newest_checkpoint
     from .models.chat import ChatModel
 

@@ -26,9 +26,7 @@ def transformers(extra: str = TEXT_EXTRA):
         import peft  # noqa: F401  (LoRA; checked together so the message names the whole extra)
         import transformers
     except ImportError as err:
-        raise UserError(
-            f"text models need the packages transformers and peft ({first_line(err)}): {extra}"
-        ) from None
+        raise UserError(f"text models need the packages transformers and peft ({first_line(err)}): {extra}") from None
     transformers.logging.set_verbosity_error()  # "Some weights were not initialized ...": the head, on purpose
     transformers.logging.disable_progress_bar()  # a bar per model load
     return transformers
@@ -49,8 +47,10 @@ def _not_found(name: str, err: BaseException) -> UserError:
     )
 
 
-def load_tokenizer(name: str, extra: str = TEXT_EXTRA):
-    """The (fast) tokenizer of model `name`."""
+def load_tokenizer(name: str | None, extra: str = TEXT_EXTRA):
+    """The (fast) tokenizer of model `name` (a data module's `tokenizer` option, which the CLI fills in)."""
+    if not name:
+        raise UserError("no tokenizer: set --model.model_name_or_path (or --data.tokenizer) to the model folder")
     hf = transformers(extra)
     try:
         return hf.AutoTokenizer.from_pretrained(name)

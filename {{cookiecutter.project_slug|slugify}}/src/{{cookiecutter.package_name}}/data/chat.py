@@ -18,7 +18,6 @@ Every mistake in a file (a line that is not JSON, a missing `output`, an unknown
 conversation, a prompt longer than `max_length`) is one ERROR line naming the file and line.
 """
 
-import json
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ..chat_template import CHAT_EXTRA, ROLES, encode, render, use_template
 from ..errors import UserError
 from ..pretrained import load_tokenizer
 from .batches import EpochSampler
+from .custom import json_lines
 
 IGNORE = -100  # the label of a token that is not learned (cross_entropy's ignore_index)
 
@@ -66,17 +66,7 @@ def read_jsonl(path: Path) -> list[tuple[int, list[dict]]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
-    conversations = []
-    for line, content in enumerate(text.split("\n"), start=1):
-        if not content.strip():
-            continue
-        try:
-            record = json.loads(content)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{line}: not valid JSON ({err.msg}); one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{line}: a JSON {type(record).__name__}, not an object")
-        conversations.append((line, to_messages(record, f"{path}:{line}")))
+    conversations = [(line, to_messages(record, f"{path}:{line}")) for line, record in json_lines(path, text)]
     if not conversations:
         raise UserError(f"{path}: no conversations (the file is empty)")
     return conversations
@@ -207,8 +197,6 @@ class ChatDataModule(LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            if not self.hparams.tokenizer:
-                raise UserError("no tokenizer: set --model.model_name_or_path (or --data.tokenizer) to the model folder")
             self._tokenizer = use_template(load_tokenizer(self.hparams.tokenizer, CHAT_EXTRA))
         return self._tokenizer
 
