@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=320, help="training conversations (default: %(default)s)")
     parser.add_argument("--val", type=int, default=64, help="held-out conversations (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=8, help="batch of table 1 (default: %(default)s)")
+    parser.add_argument("--max_chars", type=int, default=200, help="dialogues up to this many characters")
     parser.add_argument("--lengths", default="128,256,512", help="sequence lengths of table 2")
     parser.add_argument("--batch", type=int, default=4, help="batch of table 2 (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per cell of table 2")
@@ -114,12 +116,12 @@ def main() -> None:
     cache = Path(known.cache)
     cache.mkdir(parents=True, exist_ok=True)
     model = smollm2(cache)
-    records = dialogues()
+    records = [r for r in dialogues() if sum(len(m["content"]) for m in r["messages"]) <= known.max_chars]
     random.Random(0).shuffle(records)
     data = Path(tempfile.mkdtemp(prefix="sft-bench-"))
     for name, part in (("train", records[: known.train]), ("val", records[known.train : known.train + known.val])):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
-    common = [f"--data.path={data}", "--data.batch_size=8", "--data.max_length=128",
+    common = [f"--data.path={data}", f"--data.batch_size={known.batch_size}", "--data.max_length=128",
               f"--trainer.max_epochs={known.epochs}", *QUIET, *extra]  # fmt: skip
 
     rows = {}
@@ -131,7 +133,10 @@ def main() -> None:
         print(kind, rows[kind], flush=True)
     names = {"base": "SmolLM2 before fine-tuning", "lora": "LoRA r=8, all linear", "full": "full fine-tune",
              "scratch": "random weights, all train"}  # fmt: skip
-    print(f"\n{known.train} training / {known.val} held-out dialogues (English + Chinese), {known.epochs} epoch(s)")
+    print(
+        f"\n{known.train} training / {known.val} held-out dialogues (English + Chinese, at most {known.max_chars} "
+        f"characters), batch {known.batch_size}, {known.epochs} epoch(s)"
+    )
     print(f"| {'run':28} | held-out loss | tokens/s | peak memory |")
     print(f"|{'-' * 30}|---------------|----------|-------------|")
     for kind, r in rows.items():

@@ -41,7 +41,7 @@ def sft(config: str, tiny: Path, data: Path, *extra: str) -> list[str]:
     return [
         "--config", str(ROOT / "configs" / config), f"--model.model_name_or_path={tiny}", f"--data.path={data}",
         "--data.batch_size=4", "--model.lr=0.01", "--model.warmup_steps=0", "--model.sample_max_new_tokens=4",
-        "--trainer.log_every_n_steps=1", *QUIET, *extra,
+        "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0", *QUIET, *extra,
     ]  # fmt: skip
 
 
@@ -84,7 +84,8 @@ class StopAfterFirstEpoch(Callback):
 def test_lora_resume_is_exact(tiny, chats):
     """Two epochs in one run, or stopped after one and resumed with --ckpt_path=last: the same adapters, bit
     for bit (the order of the conversations, LoRA's dropout, the optimizer and the schedule all resume)."""
-    args = [*sft("sft_lora.yaml", tiny, chats, "--model.lora_dropout=0.2"), "--trainer.max_epochs=2"]
+    args = [*sft("sft_lora.yaml", tiny, chats, "--model.lora_dropout=0.2", "--model.sample_max_new_tokens=0"),
+            "--trainer.max_epochs=2"]  # fmt: skip
     run(["fit", *args, "--trainer.logger.init_args.name=straight"])
     run(["fit", *args, "--trainer.logger.init_args.name=resumed"], callbacks=[StopAfterFirstEpoch()])
     run(["fit", *args, "--trainer.logger.init_args.name=resumed", "--ckpt_path=last"])
