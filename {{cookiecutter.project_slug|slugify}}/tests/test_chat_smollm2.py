@@ -56,8 +56,10 @@ def test_smollm2_lora_beats_the_base_model_then_generates_and_exports(model_fold
 
     base = float(run(["validate", *args]).trainer.callback_metrics["val/loss"])
     run(["fit", *args, "--trainer.max_epochs=1"])
-    best = Path("logs/sft_lora/version_0/checkpoints/best.ckpt")
-    assert best.stat().st_size < 20 * 2**20  # the adapters only: SmolLM2 itself is 517 MB in float32
+    (best,) = Path("logs/sft_lora").glob("*/checkpoints/best.ckpt")  # the base model's validate has a run too
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)  # the adapters only
+    assert best.stat().st_size < 40 * 2**20  # with AdamW's state; SmolLM2 itself is 517 MB in float32
     tuned = float(run(["validate", *args, "--ckpt_path=best"]).trainer.callback_metrics["val/loss"])
     print(f"held-out val/loss: base {base:.3f}, after 8 LoRA steps {tuned:.3f}")
     assert tuned < base, (base, tuned)
