@@ -191,8 +191,9 @@ def leftovers(project: Path) -> list[str]:
             except UnicodeDecodeError:
                 pass  # binary file: nothing Jinja could have left in it
         for kind, text in texts:
-            for marker in ("{{", "{%", "cookiecutter"):
-                if marker in text and not (kind == "text" and marker != "cookiecutter" and relative.endswith(JINJA_FILES)):
+            chat_template = kind == "text" and relative.endswith(JINJA_FILES)
+            for marker in ("cookiecutter",) if chat_template else ("{{", "{%", "cookiecutter"):
+                if marker in text:
                     found.append(f"{relative} ({kind}): {marker!r}")
     return found
 
