@@ -147,8 +147,8 @@ def main() -> None:
     print(f"\nPeak memory, {known.steps} training steps of batch {known.batch} (MB)")
     print("| tokens | LoRA r=8 | full |\n|--------|----------|------|")
     for length in lengths:
-        # One conversation of about `length` tokens, repeated: every batch is that long.
-        long = {"instruction": "Repeat: " + "lightning " * length, "output": "ok " * (length // 2)}
+        # A short prompt and a long answer, cut to `length` tokens: every batch is that long.
+        long = {"instruction": "Repeat: " + "go " * (length // 8), "output": "go " * length}
         (data / f"len{length}.jsonl").write_text((json.dumps(long) + "\n") * known.batch * known.steps)
         cells = []
         for kind in ("lora", "full"):
