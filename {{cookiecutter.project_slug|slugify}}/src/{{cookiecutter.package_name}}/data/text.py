@@ -10,14 +10,13 @@ not `max_length`.
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..pretrained import load_tokenizer
-from .custom import SPLITS, FileDataModule
+from .custom import SPLITS, FileDataModule, json_lines
 
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}  # None: one JSON object per line
 
@@ -77,10 +76,6 @@ class TextDataModule(FileDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            if not self.hparams.tokenizer:
-                raise UserError(
-                    "no tokenizer: set --model.model_name_or_path (or --data.tokenizer) to the model folder"
-                )
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
@@ -129,18 +124,7 @@ class TextDataModule(FileDataModule):
             ) from None
         delimiter = SUFFIXES[path.suffix.lower()]
         if delimiter is None:
-            rows = []
-            for line, content in enumerate(text.split("\n"), start=1):
-                if not content.strip():
-                    continue
-                try:
-                    row = json.loads(content)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{line}: not valid JSON ({err.msg}); one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{line}: a JSON {type(row).__name__}, not an object with named fields")
-                rows.append((line, row))
-            return rows
+            return json_lines(path, text)
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         return [(reader.line_num, row) for row in reader]
 

@@ -1,0 +1,153 @@
+"""Chat fine-tuning end to end with a tiny random Llama written by the tests (no network): fit with
+LoRA and in full through train.py's CLI, small checkpoints loaded with weights_only=True, validate
+from a checkpoint, exact resume, generate, the Hugging Face export in plain transformers, errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_cli
+from lightning.pytorch.callbacks import Callback
+
+pytest.importorskip("transformers", reason="the chat extra is not installed: pip install -e '.[chat]'")
+pytest.importorskip("peft", reason="the chat extra is not installed: pip install -e '.[chat]'")
+
+from chatdata import CONVERSATIONS, tiny_chat_model, write_jsonl  # noqa: E402
+
+from {{ cookiecutter.package_name }}.cli import run  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
+
+
+@pytest.fixture
+def chats(tmp_path, monkeypatch) -> Path:
+    """A data folder with train.jsonl (the conversations, 6 times over) and val.jsonl; the working directory."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", CONVERSATIONS, repeat=6)
+    write_jsonl(folder / "val.jsonl", CONVERSATIONS)
+    return folder
+
+
+def sft(config: str, tiny: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs" / config), f"--model.model_name_or_path={tiny}", f"--data.path={data}",
+        "--data.batch_size=4", "--model.lr=0.01", "--model.warmup_steps=0", "--model.sample_max_new_tokens=4",
+        "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0", *QUIET, *extra,
+    ]  # fmt: skip
+
+
+def checkpoint_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_lora_fit_writes_adapter_only_checkpoints_and_validate_reads_them(tiny, chats, capsys):
+    run_cli("fit", *sft("sft_lora.yaml", tiny, chats, "--trainer.max_epochs=3"))
+    run = Path("logs/sft_lora/version_0")
+    checkpoint = torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in checkpoint["state_dict"])
+    template = checkpoint["hyper_parameters"]["chat_template"]
+    assert "<|im_start|>" in template  # the tokenizer's template travels with the checkpoint
+    capsys.readouterr()
+    run_cli("validate", *sft("sft_lora.yaml", tiny, chats))
+    base = capsys.readouterr().out
+    run_cli("validate", *sft("sft_lora.yaml", tiny, chats, "--ckpt_path=best"))
+    tuned = capsys.readouterr().out
+
+    def val_loss(out: str) -> float:
+        return float(next(line for line in out.splitlines() if "val/loss" in line).split()[-2])
+
+    assert val_loss(tuned) < val_loss(base) - 0.5  # the conversations were learned
+
+
+def test_full_fit_saves_every_weight(tiny, chats):
+    run_cli("fit", *sft("sft_full.yaml", tiny, chats, "--trainer.max_epochs=1"))
+    state = checkpoint_state(Path("logs/sft_full/version_0/checkpoints/last.ckpt"))
+    assert any(k.endswith("embed_tokens.weight") for k in state) and not any("lora" in k for k in state)
+
+
+class StopAfterFirstEpoch(Callback):
+    """Ends the run after its first epoch, as a kill would (last.ckpt is written at each epoch's end)."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+def test_lora_resume_is_exact(tiny, chats):
+    """Two epochs in one run, or stopped after one and resumed with --ckpt_path=last: the same adapters, bit
+    for bit (the order of the conversations, LoRA's dropout, the optimizer and the schedule all resume)."""
+    args = [*sft("sft_lora.yaml", tiny, chats, "--model.lora_dropout=0.2", "--model.sample_max_new_tokens=0"),
+            "--trainer.max_epochs=2"]  # fmt: skip
+    run(["fit", *args, "--trainer.logger.init_args.name=straight"])
+    run(["fit", *args, "--trainer.logger.init_args.name=resumed"], callbacks=[StopAfterFirstEpoch()])
+    run(["fit", *args, "--trainer.logger.init_args.name=resumed", "--ckpt_path=last"])
+    straight = checkpoint_state(Path("logs/straight/version_0/checkpoints/last.ckpt"))
+    resumed = checkpoint_state(Path("logs/resumed/version_0/checkpoints/last.ckpt"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_generate_and_export_to_a_plain_hugging_face_folder(tiny, chats, capsys):
+    """chat_generate answers with the checkpoint's template; the exported folder, in plain transformers,
+    has the checkpoint's logits and gives the same greedy answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from {{ cookiecutter.package_name }}.chat_export import main as export_main
+    from {{ cookiecutter.package_name }}.chat_generate import load_chat_model
+    from {{ cookiecutter.package_name }}.chat_generate import main as generate_main
+
+    run_cli("fit", *sft("sft_lora.yaml", tiny, chats, "--trainer.max_epochs=2"))
+    capsys.readouterr()
+    prompt = "What is two plus two?"
+    assert generate_main(["--ckpt_path=best", "--prompt", prompt, "--temperature=0", "--max_new_tokens=8"]) == 0
+    first, answer, *_ = capsys.readouterr().out.split("\n")
+    assert first == f"> {prompt}" and answer.strip()
+
+    assert export_main(["--ckpt_path=best", "--output", "exported"]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+    files = {p.name for p in Path("exported").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and not any("adapter" in f for f in files)
+    model = AutoModelForCausalLM.from_pretrained("exported")  # plain transformers, no project code
+    tokenizer = AutoTokenizer.from_pretrained("exported")
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    tuned = load_chat_model("best")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, tuned.model(**ids).logits, atol=1e-5, rtol=1e-5)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == answer
+
+
+def last_error(capsys, *args: str) -> str:
+    """The one line a user mistake prints, after checking the exit code and that no traceback came."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(*args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_hostile_jsonl_is_one_error_line(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "bad.jsonl", [CONVERSATIONS[0], {"instruction": "no answer"}])
+    line = last_error(capsys, "fit", *sft("sft_lora.yaml", tiny, data))
+    assert line == f"ERROR: {data}:2: no text 'output' (an Alpaca record needs instruction and output)"
+
+
+def test_missing_model_and_checkpoint_errors(tmp_path, chats, capsys, monkeypatch):
+    from {{ cookiecutter.package_name }}.chat_generate import main as generate_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = last_error(capsys, "fit", *sft("sft_lora.yaml", tmp_path / "nowhere", chats))
+    assert line.startswith(f"ERROR: {tmp_path / 'nowhere'}: no such folder, and HF_HUB_OFFLINE=1 forbids")
+    assert generate_main(["--ckpt_path=best", "--prompt=hi"]) == 1
+    assert capsys.readouterr().err.startswith("ERROR: --ckpt_path=best: no best checkpoint under logs")
