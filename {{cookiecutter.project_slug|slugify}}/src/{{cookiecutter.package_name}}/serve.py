@@ -367,7 +367,7 @@ class ChatAPI(GenerativeAPI):
 # The model class (its name, or a base class's) -> the LitAPI that serves its checkpoints, called
 # as KIND(checkpoint, hparams, max_batch_size=..., batch_timeout=...). A generative part adds e.g.
 #   KINDS["<its model class>"] = functools.partial(PromptAPI, generator=<its TextGenerator class>)
-#   KINDS["ChatModel"] = functools.partial(ChatAPI, generator=<its TextGenerator class>)
+#   KINDS["<its chat model class>"] = functools.partial(ChatAPI, generator=<its TextGenerator class>)
 KINDS: dict[str, Callable[..., ServedAPI]] = {
 {%- if cookiecutter.text == "yes" %}
     "TextClassifier": TextClassifierAPI,
