@@ -74,7 +74,7 @@ class FileDataModule(InMemoryDataModule):
     @cached_property
     def samples(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str] | None, dict]:
         parts, where = self.read()
-        if self.regression:  # the labels are already floats (CSVDataModule._target)
+        if self.regression:  # the labels are already floats (read as numbers by CSVDataModule)
             tensors = {s: (x, torch.tensor(values, dtype=torch.float32)) for s, (x, values, _) in parts.items()}
             return tensors, None, {s: ids for s, (_, _, ids) in parts.items()}
         found = sort_classes(name for _, names, _ in parts.values() for name in names)
