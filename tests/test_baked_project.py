@@ -104,7 +104,8 @@ def test_split_runs_every_test_file_and_the_parts_in_the_full_bake(bake):
     on, off = bake_both(bake)
     core, full = split_test_files(on, off)
     assert set(core) | set(full) == {f"tests/{p.name}" for p in (on / "tests").glob("test_*.py")}
-    assert "tests/test_cli.py" in core and "tests/test_cli.py" not in full  # the same file in both shapes
+    assert "tests/test_idx.py" in core and "tests/test_idx.py" not in full  # the same file in both shapes
+    assert "tests/test_cli.py" in core and "tests/test_cli.py" in full  # a part adds cases to it
     assert {"tests/test_text.py", "tests/test_search.py", "tests/test_doctor.py"} <= set(full)
 
 

@@ -93,6 +93,10 @@ class ClassifyRequest(BaseModel):
         self._input = SERVED.read(self)  # a ValueError becomes a 422 naming the problem
         return self
 
+    def prepared(self):
+        """The model input that `convert` made from this request."""
+        return self._input
+
 
 class PromptRequest(BaseModel):
     """`POST /predict` of a language model trained from zero: a prompt to continue, and how to sample."""
@@ -188,7 +192,7 @@ class ClassifierAPI(ServedAPI):
         self.torch, self.device_name = torch, device
 
     def decode_request(self, request: ClassifyRequest) -> np.ndarray:
-        return request._input
+        return request.prepared()
 
     def batch(self, inputs: list[np.ndarray]):
         from .data.batches import model_input

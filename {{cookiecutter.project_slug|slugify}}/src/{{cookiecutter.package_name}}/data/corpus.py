@@ -126,7 +126,7 @@ def train_tokenizer(files: list[Path], kind: str, bpe_vocab_size: int) -> Tokeni
 
         bpe = ByteLevelBPETokenizer()
         bpe.train_from_iterator((text for *_, text in pieces(files)), vocab_size=bpe_vocab_size, show_progress=False)
-        return Tokenizer({"kind": "bpe", "json": bpe._tokenizer.to_str()})
+        return Tokenizer({"kind": "bpe", "json": bpe.to_str()})
     return Tokenizer({"kind": "hf", "name": kind})
 
 
