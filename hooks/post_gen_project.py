@@ -2,9 +2,9 @@
 
 PARTS lists each optional part's own files and folders (relative to the project root); a part
 answered "no" loses them all (a file that needs two parts, like text_export.py, is listed under both).
-SHARED lists the files that any of several parts uses (pretrained.py: text and chat). Files that several parts share (README, pyproject.toml, CI) choose
-their lines with Jinja conditionals instead. A new part adds one entry here and one question in
-cookiecutter.json.
+SHARED lists the files that any of several parts uses (pretrained.py: text and chat). Files that
+several parts share (README, pyproject.toml, CI) choose their lines with Jinja conditionals instead.
+A new part adds one entry here and one question in cookiecutter.json.
 """
 
 import json
@@ -15,9 +15,10 @@ PKG = "src/{{ cookiecutter.package_name }}"
 
 PARTS = {
     "text": [
-        f"{PKG}/models/text.py", f"{PKG}/data/text.py", f"{PKG}/text_export.py",
-        "configs/text_full.yaml", "configs/text_lora.yaml", "benchmarks/text_finetune.py",
-        "tests/test_text.py", "tests/test_text_minilm.py", "tests/textdata.py",
+        f"{PKG}/models/text.py", f"{PKG}/models/text_regressor.py", f"{PKG}/data/text.py", f"{PKG}/text_export.py",
+        "configs/text_full.yaml", "configs/text_lora.yaml", "configs/text_regression.yaml",
+        "benchmarks/text_finetune.py",
+        "tests/test_text.py", "tests/test_text_minilm.py", "tests/test_text_regression.py", "tests/textdata.py",
     ],
     "search": [f"{PKG}/search.py", f"{PKG}/search_report.py", "configs/search", "tests/test_search.py"],
     "export": [

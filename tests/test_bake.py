@@ -49,6 +49,7 @@ EXPECTED_FILES = [
     "configs/sft_lora.yaml",
     "configs/text_full.yaml",
     "configs/text_lora.yaml",
+    "configs/text_regression.yaml",
     "configs/trainer/cpu.yaml",
     "configs/trainer/ddp.yaml",
     "configs/trainer/fsdp.yaml",
@@ -96,6 +97,7 @@ EXPECTED_FILES = [
     "src/{pkg}/models/regressor.py",
     "src/{pkg}/models/schedule.py",
     "src/{pkg}/models/text.py",
+    "src/{pkg}/models/text_regressor.py",
     "src/{pkg}/pretrained.py",
     "src/{pkg}/quiet.py",
     "src/{pkg}/search.py",
@@ -143,6 +145,7 @@ EXPECTED_FILES = [
     "tests/test_tensorboard.py",
     "tests/test_text.py",
     "tests/test_text_minilm.py",
+    "tests/test_text_regression.py",
     "tests/test_tuning.py",
     "tests/test_vit.py",
     "tests/textdata.py",
@@ -154,9 +157,10 @@ EXPECTED_FILES = [
 # that a file the hook forgets (or drops by mistake) fails a test.
 PART_FILES = {
     "text": [
-        "src/{pkg}/models/text.py", "src/{pkg}/data/text.py", "src/{pkg}/text_export.py",
-        "configs/text_full.yaml", "configs/text_lora.yaml", "benchmarks/text_finetune.py",
-        "tests/test_text.py", "tests/test_text_minilm.py", "tests/textdata.py",
+        "src/{pkg}/models/text.py", "src/{pkg}/models/text_regressor.py", "src/{pkg}/data/text.py",
+        "src/{pkg}/text_export.py", "configs/text_full.yaml", "configs/text_lora.yaml", "configs/text_regression.yaml",
+        "benchmarks/text_finetune.py",
+        "tests/test_text.py", "tests/test_text_minilm.py", "tests/test_text_regression.py", "tests/textdata.py",
     ],
     "search": [
         "src/{pkg}/search.py", "src/{pkg}/search_report.py", "configs/search/cnn.yaml", "configs/search/mlp.yaml",
@@ -188,7 +192,15 @@ ALL_OFF = dict.fromkeys(PARTS, "no")
 
 # Words that only a part's code, configs and documentation use: none may be left in a bake without it.
 PART_WORDS = {
-    "text": ["TextClassifier", "TextDataModule", "text_lora", ".[text]", "text = ["],
+    "text": [
+        "TextClassifier",
+        "TextRegressor",
+        "TextDataModule",
+        "text_lora",
+        "text_regression",
+        ".[text]",
+        "text = [",
+    ],
     "search": ["optuna", "search.py", "configs/search", ".[search]"],
     # export.py as its own name (chat_export.py stays with the chat part)
     "export": [".export", "onnx", "/export.py", " export.py", "`export.py", "exported_program"],

@@ -1,7 +1,8 @@
 """A tiny, randomly initialised BERT and labelled texts it can learn, written by the tests themselves.
 
 No download: the vocabulary is the words below, the weights are random (seeded), and the
-class of a text is given by its words, so a few epochs of training separate the classes.
+class of a text (or its score, `write_scores`) is given by its words, so a few epochs of
+training learn it.
 """
 
 from pathlib import Path
@@ -63,4 +64,21 @@ def write_texts(path: Path, n: int = 80, seed: int = 0, encoding: str = "utf-8")
         writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",")
         writer.writerow(["text", "label"])
         writer.writerows(rows)
+    return path
+
+
+def write_scores(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """A CSV of `n` texts with a numeric column `score`: 250 for a text of positive words, 150 for one of
+    negative words, plus noise of at most 2 (standard deviation about 50, far from 0 and 1, so that a
+    model that did not undo the target's standardisation would be far off)."""
+    import csv
+    import random
+
+    rng = random.Random(seed + 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "score"])
+        for text, label in texts(n, seed):
+            writer.writerow([text, f"{(250 if label == 'positive' else 150) + rng.uniform(-2, 2):.2f}"])
     return path

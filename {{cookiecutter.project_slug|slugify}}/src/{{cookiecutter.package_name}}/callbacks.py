@@ -167,8 +167,12 @@ class LayerTable(ModelSummary):
     """
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # The metrics, and children that hold only metrics (a regression's `task`): nothing to count.
         self.hidden = {
-            name for name, module in pl_module.named_children() if isinstance(module, (Metric, MetricCollection))
+            name
+            for name, module in pl_module.named_children()
+            if isinstance(module, (Metric, MetricCollection))
+            or (not any(True for _ in module.parameters()) and any(isinstance(m, Metric) for m in module.modules()))
         }
         example = pl_module.example_input_array
         if isinstance(example, torch.Tensor):

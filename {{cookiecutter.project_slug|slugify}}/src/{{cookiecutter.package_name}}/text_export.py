@@ -1,10 +1,11 @@
-"""Export a text model (TextClassifier checkpoint): the network file plus its tokenizer beside it.
+"""Export a text model (TextClassifier or TextRegressor checkpoint): the network file plus its tokenizer beside it.
 
 `python -m {{ cookiecutter.package_name }}.export` comes here for text checkpoints. LoRA adapters are merged
 into the weights first, so the file is the plain encoder and head. It takes two int64 inputs,
 `input_ids` and `attention_mask`, both (batch, tokens) with batch and tokens dynamic, and
-returns logits. The tokenizer is saved in the folder `<file stem>-tokenizer/` next to it, so
-inference needs transformers' tokenizer (or the `tokenizers` package) and the runtime only:
+returns logits (a TextRegressor: the predicted value in the target's units, (batch, 1)). The
+tokenizer is saved in the folder `<file stem>-tokenizer/` next to it, so inference needs
+transformers' tokenizer (or the `tokenizers` package) and the runtime only:
 
     tokenizer = AutoTokenizer.from_pretrained("best-tokenizer")
     batch = tokenizer(["what a lovely day"], return_tensors="np", padding=True)
@@ -29,7 +30,7 @@ INPUTS = ("input_ids", "attention_mask")
 
 
 def is_text_checkpoint(path: Path) -> bool:
-    """Whether checkpoint `path` was written by a TextClassifier (its hyperparameters name a model folder)."""
+    """Whether checkpoint `path` was written by a text model (its hyperparameters name a model folder)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # unreadable: export's own loading reports it
@@ -38,11 +39,12 @@ def is_text_checkpoint(path: Path) -> bool:
 
 
 def load_text_model(path: Path):
-    """The TextClassifier of checkpoint `path`, on the CPU, in eval mode: rebuilt from the base
-    model's folder (`model_name_or_path`), then given the checkpoint's weights."""
+    """The TextClassifier (or TextRegressor) of checkpoint `path`, on the CPU, in eval mode: rebuilt
+    from the base model's folder (`model_name_or_path`), then given the checkpoint's weights."""
     from .models.text import TextClassifier
+    from .models.text_regressor import TextRegressor
 
-    return load_model(TextClassifier, path)
+    return load_model((TextClassifier, TextRegressor), path)
 
 
 def random_batches(vocab: int, batch_size: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -147,10 +149,13 @@ def export_text(checkpoint: Path, fmt: str, out: Path, batch_size: int, toleranc
         line += f"max |difference| vs PyTorch on random token ids: {difference:.1e} (tolerance {tolerance:.0e}): OK"
     print(line)
     classes = model.hparams.get("class_names")
+    if "num_classes" in model.hparams:
+        output = f"logits for {model.hparams.num_classes} classes"
+        output += f" ({', '.join(map(str, classes))})" if classes else ""
+    else:  # a TextRegressor
+        output = "the predicted value in the target's units, (batch, 1)"
     print(
         f"Inputs: input_ids and attention_mask, int64 (batch, tokens), tokens <= {max_tokens}, as the tokenizer "
-        f"gives them; output: logits for {model.hparams.num_classes} classes"
-        + (f" ({', '.join(map(str, classes))})" if classes else "")
-        + (" (LoRA merged)" if model.hparams.lora_rank else "")
+        f"gives them; output: {output}" + (" (LoRA merged)" if model.hparams.lora_rank else "")
     )
     return out

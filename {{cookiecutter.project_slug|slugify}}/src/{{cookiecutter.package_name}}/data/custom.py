@@ -52,6 +52,43 @@ def sort_classes(names) -> list[str]:
     return sorted(names, key=int if numeric else str)
 
 
+def regression_target(text: str, path: Path, line: int, column: str, classes_config: str) -> float:
+    """A regression target cell as a finite number, else one ERROR line naming the cell
+    (`classes_config`: the config to point to if the column holds classes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(
+            f"{path}:{line}: target column {column!r} holds {text.strip()!r}, not a number; a regression "
+            f"target must be numeric: fix the value or drop the row (for classes use {classes_config})"
+        ) from None
+    if not math.isfinite(value):
+        raise UserError(f"{path}:{line}: target column {column!r} is {text.strip()!r}; fix the value or drop the row")
+    return value
+
+
+def check_labels(labels: list, lines: list[int], path: Path, column: str, regression: bool, numbers_config: str):
+    """Refuse labels that cannot be learnt as they are: a constant regression target, or decimal numbers
+    with many distinct values given to a classifier (a quantity, not classes: use `numbers_config`)."""
+    if regression and len(labels) > 1 and len(set(labels)) == 1:
+        raise UserError(
+            f"{path}:{lines[0]}: target column {column!r} is {labels[0]:g} in all {len(labels)} rows: "
+            "nothing to learn; check --data.label_column"
+        )
+    if regression or len(set(labels)) <= MAX_DECIMAL_CLASSES:
+        return
+    for value, line in zip(labels, lines):
+        try:
+            number = float(value)
+        except ValueError:
+            return  # names: classes
+        if math.isfinite(number) and not number.is_integer():
+            raise UserError(
+                f"{path}:{line}: label column {column!r} holds decimal numbers ({value}, {len(set(labels))} "
+                f"distinct values): a quantity to predict, not classes; use --config {numbers_config}"
+            )
+
+
 class FileDataModule(InMemoryDataModule):
     """Reads all samples on first use (`samples`), then splits them in `setup`.
 
@@ -230,51 +267,16 @@ class CSVDataModule(FileDataModule):
                     continue
                 if not (row.get(label) or "").strip():
                     raise UserError(f"{path}:{line}: the label is empty (fill it in or remove the row)")
-                labels.append(self._target(row[label], path, line) if self.regression else row[label].strip())
+                if self.regression:
+                    labels.append(regression_target(row[label], path, line, label, "configs/custom_csv.yaml"))
+                else:
+                    labels.append(row[label].strip())
                 lines.append(line)
         if not rows:
             raise UserError(f"{path}: the file has a header but no rows")
         if labelled:
-            self._check_labels(labels, lines, path)
+            check_labels(labels, lines, path, label, self.regression, "configs/regression_csv.yaml")
         return torch.tensor(rows, dtype=torch.float32), labels, ids
-
-    def _target(self, text: str, path: Path, line: int) -> float:
-        """A regression target: a finite number, else one ERROR line naming the cell."""
-        column = self.hparams.label_column
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(
-                f"{path}:{line}: target column {column!r} holds {text.strip()!r}, not a number; a regression "
-                "target must be numeric: fix the value or drop the row (for classes use configs/custom_csv.yaml)"
-            ) from None
-        if not math.isfinite(value):
-            raise UserError(
-                f"{path}:{line}: target column {column!r} is {text.strip()!r}; fix the value or drop the row"
-            )
-        return value
-
-    def _check_labels(self, labels: list, lines: list[int], path: Path) -> None:
-        """Refuse labels that cannot be learnt as they are: a constant regression target, or decimal
-        numbers with many distinct values given to the classifier (a quantity, not classes)."""
-        column = self.hparams.label_column
-        if self.regression and len(labels) > 1 and len(set(labels)) == 1:
-            raise UserError(
-                f"{path}:{lines[0]}: target column {column!r} is {labels[0]:g} in all {len(labels)} rows: "
-                "nothing to learn; check --data.label_column"
-            )
-        if self.regression or len(set(labels)) <= MAX_DECIMAL_CLASSES:
-            return
-        for value, line in zip(labels, lines):
-            try:
-                number = float(value)
-            except ValueError:
-                return  # names: classes
-            if math.isfinite(number) and not number.is_integer():
-                raise UserError(
-                    f"{path}:{line}: label column {column!r} holds decimal numbers ({value}, {len(set(labels))} "
-                    "distinct values): a quantity to predict, not classes; use --config configs/regression_csv.yaml"
-                )
 
     @staticmethod
     def _number(text: str | None, path: Path, line: int, column: str) -> float:

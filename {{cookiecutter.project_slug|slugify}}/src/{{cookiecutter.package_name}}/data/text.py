@@ -10,24 +10,27 @@ not `max_length`.
 
 import csv
 import io
+import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from ..errors import UserError
 from ..pretrained import load_tokenizer
-from .custom import SPLITS, FileDataModule, json_lines
+from .custom import SPLITS, FileDataModule, check_labels, json_lines, regression_target
 
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}  # None: one JSON object per line
 
 
 class TextDataModule(FileDataModule):
-    """Texts with a label each, in CSV (.csv), TSV (.tsv) or JSON Lines (.jsonl) files.
+    """Texts with a label each (a class, or a number to predict), in CSV (.csv), TSV (.tsv) or
+    JSON Lines (.jsonl) files.
 
     Args:
         path: a file, or a folder with train.<suffix> (and optionally val.<suffix>, test.<suffix>).
         text_column: the column (JSON key) holding the text.
-        label_column: the column holding its class (labels may be names).
+        label_column: the column holding its class (labels may be names), or with task: regression its number.
         tokenizer: the tokenizer's model folder or Hub name; null: the model's
             `model_name_or_path` (the command line fills it in), so the two always match.
         max_length: texts are cut to this many tokens (the special tokens included).
@@ -42,6 +45,8 @@ class TextDataModule(FileDataModule):
             classifies instead of the test rows.
         id_column: a column naming each row, for the `id` of the prediction CSV; default: the
             row's line number in its file (the header of a CSV or TSV is line 1).
+        task: 'classification' (labels are classes) or 'regression' (the label column holds the
+            number to predict, e.g. a rating; configs/text_regression.yaml).
     """
 
     def __init__(
@@ -61,9 +66,16 @@ class TextDataModule(FileDataModule):
         train_fraction: float = 1.0,
         predict_file: str | None = None,
         id_column: str | None = None,
+        task: Literal["classification", "regression"] = "classification",
     ):
         super().__init__(val_fraction, test_fraction, batch_size, num_workers, seed)
         self.save_hyperparameters()
+        self.regression = task == "regression"  # targets read as floats (FileDataModule.samples)
+        if self.regression and (samples_per_class is not None or train_fraction < 1):
+            raise UserError(
+                "samples_per_class and train_fraction pick samples per class: leave them out with task: regression"
+            )
+        self.unknown_label = math.nan if self.regression else -1  # the label of a text to predict
         self.limit_training(samples_per_class, train_fraction, seed)
         if max_length < 2:
             raise UserError(f"max_length={max_length}: give at least 2 (the special tokens alone take two)")
@@ -134,7 +146,7 @@ class TextDataModule(FileDataModule):
         if not rows:
             raise UserError(f"{path}: no rows")
         needed = [h.text_column] + ([h.label_column] if labelled else []) + ([h.id_column] if h.id_column else [])
-        texts, labels, ids = [], [], []
+        texts, labels, ids, lines = [], [], [], []
         for line, row in rows:
             absent = [c for c in needed if c not in row]
             if absent:
@@ -146,7 +158,12 @@ class TextDataModule(FileDataModule):
                 label = str(row[h.label_column] if row[h.label_column] is not None else "").strip()
                 if not label:
                     raise UserError(f"{path}:{line}: the label is empty (fill it in or remove the row)")
+                if self.regression:
+                    label = regression_target(label, path, line, h.label_column, "configs/text_lora.yaml")
                 labels.append(label)
+                lines.append(line)
+        if labelled:
+            check_labels(labels, lines, path, h.label_column, self.regression, "configs/text_regression.yaml")
         return self.encode(texts), labels, ids
 
     def encode(self, texts: list[str]) -> torch.Tensor:

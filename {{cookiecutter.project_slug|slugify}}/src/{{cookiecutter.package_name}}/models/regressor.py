@@ -5,6 +5,10 @@ The network learns the target standardised with the training split's mean and st
 deviation (buffers, like the inputs' in `nets.Normalize`), and its last layer, `TargetScale`,
 turns its output back into the target's units. So `predict`, an exported model and a server
 answer in those units, and the loss and the optimizer see values of order 1 whatever they are.
+
+`RegressionTask` holds what every model that predicts one number shares (the loss on the
+standardised target, MAE / RMSE / R² and their logging): a model holds one and calls it from
+its hooks (the Regressor{% if cookiecutter.text == "yes" %}; the text part's TextRegressor, models/text_regressor.py{% endif %}).
 """
 
 from typing import Literal
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection, R2Score
 
+from ..errors import UserError
 from .fsdp import clip_gradients
 from .nets import Normalize, example_batch, output_network
 from .schedule import warmup_then_cosine
@@ -41,6 +46,67 @@ def scores(prefix: str) -> MetricCollection:
         prefix=prefix,
         compute_groups=False,  # the loss takes other arguments than the three scores
     )
+
+
+class RegressionTask(nn.Module):
+    """The loss, the metrics and their logging for a model whose forward pass returns one value per
+    sample in the target's units, ending in a `TargetScale`. The model holds one (`task`) and calls it
+    from its hooks with itself: a component, so that each model stays one plain LightningModule.
+
+    loss: 'mse', 'huber' or 'l1', on the standardised target (order 1 whatever the target's units).
+    """
+
+    def __init__(self, loss: str = "mse"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise UserError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}")
+        self.loss = LOSSES[loss]
+        self.train_loss = MeanMetric()
+        self.val_metrics, self.test_metrics = scores("val/"), scores("test/")
+
+    @staticmethod
+    def scale(model: nn.Module) -> TargetScale:
+        return next(m for m in model.modules() if isinstance(m, TargetScale))
+
+    def step(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss on the standardised target, predictions and targets in the target's units)."""
+        x, y = batch
+        predicted = model(x).squeeze(-1)
+        scale = self.scale(model)
+        return self.loss((predicted - scale.mean) / scale.std, (y - scale.mean) / scale.std), predicted, y
+
+    def training_step(self, model, batch) -> torch.Tensor:
+        loss, _, y = self.step(model, batch)
+        self.train_loss.update(loss.detach(), len(y))
+        if (model.global_step + 1) % model.trainer.log_every_n_steps == 0:
+            model.log("train/loss_step", loss, prog_bar=True)
+        return loss
+
+    def evaluation_step(self, model, batch, split: Literal["val", "test"]) -> dict:
+        loss, predicted, y = self.step(model, batch)
+        for name, metric in (self.val_metrics if split == "val" else self.test_metrics).items():
+            metric.update(*((loss, len(y)) if name.endswith("loss") else (predicted, y)))
+        return {"predicted": predicted, "target": y}  # for the TensorBoard views (callbacks.py)
+
+    def log_epoch(self, model, split: Literal["train", "val", "test"]) -> None:
+        """Log the epoch's values of `split` (val: also `hp_metric`, the RMSE) and start counting anew."""
+        if split == "train":
+            values = {"train/loss_epoch": self.train_loss.compute()}
+            self.train_loss.reset()
+        else:
+            metrics = self.val_metrics if split == "val" else self.test_metrics
+            values = metrics.compute()
+            metrics.reset()
+            values.update({"hp_metric": values["val/rmse"]} if split == "val" else {})
+        if not model.trainer.sanity_checking:
+            model.log_dict(values, sync_dist=True, prog_bar=split == "val")
+
+    def set_statistics(self, model, data) -> None:
+        """When `fit` starts: the training split's target mean and std into the model's TargetScale
+        (a resumed fit then loads its checkpoint's)."""
+        if getattr(data, "target_mean", None) is not None:
+            self.scale(model).mean.fill_(float(data.target_mean))
+            self.scale(model).std.fill_(float(data.target_std))
 
 
 class Regressor(L.LightningModule):
@@ -70,60 +136,33 @@ class Regressor(L.LightningModule):
         self.normalize = Normalize(input_shape)
         self.backbone = output_network(network, input_shape, 1, width, depth, dropout)
         self.head = TargetScale()
-        self.train_loss = MeanMetric()
-        self.val_metrics, self.test_metrics = scores("val/"), scores("test/")
+        self.task = RegressionTask(loss)
         self.example_input_array = example_batch(input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features in, predictions in the target's units out, shape (batch, 1)."""
         return self.head(self.backbone(self.normalize(x)))
 
-    def step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss on the standardised target, predictions and targets in the target's units)."""
-        x, y = batch
-        predicted = self(x).squeeze(-1)
-        scale = self.head
-        loss = LOSSES[self.hparams.loss]((predicted - scale.mean) / scale.std, (y - scale.mean) / scale.std)
-        return loss, predicted, y
-
     def training_step(self, batch, batch_idx):
-        loss, _, y = self.step(batch)
-        self.train_loss.update(loss.detach(), len(y))
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss, prog_bar=True)
-        return loss
-
-    def evaluation_step(self, batch, metrics: MetricCollection) -> dict:
-        loss, predicted, y = self.step(batch)
-        for name, metric in metrics.items():
-            metric.update(*((loss, len(y)) if name.endswith("loss") else (predicted, y)))
-        return {"predicted": predicted, "target": y}  # for the TensorBoard views (callbacks.py)
+        return self.task.training_step(self, batch)
 
     def validation_step(self, batch, batch_idx):
-        return self.evaluation_step(batch, self.val_metrics)
+        return self.task.evaluation_step(self, batch, "val")
 
     def test_step(self, batch, batch_idx):
-        return self.evaluation_step(batch, self.test_metrics)
+        return self.task.evaluation_step(self, batch, "test")
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).squeeze(-1)  # one value per sample: the PredictionWriter writes it as is
 
-    def log_epoch(self, values: dict) -> None:
-        if not self.trainer.sanity_checking:
-            self.log_dict(values, sync_dist=True, prog_bar=any(k.startswith("val/") for k in values))
-
     def on_train_epoch_end(self):
-        self.log_epoch({"train/loss_epoch": self.train_loss.compute()})
-        self.train_loss.reset()
+        self.task.log_epoch(self, "train")
 
     def on_validation_epoch_end(self):
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        self.log_epoch({**values, "hp_metric": values["val/rmse"]})
+        self.task.log_epoch(self, "val")
 
     def on_test_epoch_end(self):
-        self.log_epoch(self.test_metrics.compute())
-        self.test_metrics.reset()
+        self.task.log_epoch(self, "test")
 
     configure_gradient_clipping = clip_gradients
 
@@ -137,5 +176,4 @@ class Regressor(L.LightningModule):
         data = self.trainer.datamodule
         if stage == "fit" and getattr(data, "target_mean", None) is not None:
             self.normalize.set_statistics(data.mean, data.std)
-            self.head.mean.fill_(float(data.target_mean))
-            self.head.std.fill_(float(data.target_std))
+            self.task.set_statistics(self, data)

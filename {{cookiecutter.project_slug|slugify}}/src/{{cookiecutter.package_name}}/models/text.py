@@ -16,6 +16,9 @@ projections learn the change, the pretrained weights stay as they are. A checkpo
 holds only what trained (the adapters and the head: a few hundred KB instead of the whole
 model), and `test`, `predict`, resuming and export rebuild the model from the base model's
 folder (`model_name_or_path`) plus the checkpoint.
+
+The functions beside the class (adapters, pooling, checkpoint contents, the merged network for
+export, the run's preparation) serve the text regressor too (models/text_regressor.py).
 """
 
 import warnings
@@ -57,6 +60,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
 
 
+def encode(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per text: the encoder's last hidden states, pooled (`pool`)."""
+    return pool(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, pooling)
+
+
 def layer_class(encoder: nn.Module) -> type[nn.Module]:
     """The class of the encoder's transformer layers: the members of its longest ModuleList of
     modules of one class (BertLayer, RobertaLayer, ...). FSDP shards and gathers one at a time."""
@@ -65,6 +73,49 @@ def layer_class(encoder: nn.Module) -> type[nn.Module]:
     if not stacks:
         raise UserError(f"{type(encoder).__name__}: no stack of transformer layers found to shard with FSDP")
     return type(max(stacks, key=len)[0])
+
+
+def prepare_text_run(config) -> None:
+    """Called by the CLI once a text model's run is parsed (the models' `prepare_run`), before anything
+    is built: the `text` extra installed, the data's tokenizer named by the model (unless
+    --data.tokenizer says otherwise), and under FSDP the encoder's transformer layer as the unit of
+    sharding and activation checkpointing."""
+    transformers()  # one ERROR line with the install command when the extra is missing
+    model, data = config.model.init_args, config.data.get("init_args")
+    if data is not None and "tokenizer" in data and not data.tokenizer:
+        data.tokenizer = model.model_name_or_path
+    strategy = config.trainer.get("strategy")
+    init = getattr(strategy, "init_args", None)
+    if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
+        layer = layer_class(encoder_skeleton(model.model_name_or_path))
+        init.auto_wrap_policy = {layer}
+        if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
+            init.activation_checkpointing_policy = {layer}
+        init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
+
+
+def drop_untrained(checkpoint: dict, saved) -> None:
+    """`on_save_checkpoint`: leave out the state entries `saved(key)` refuses (pretrained weights that
+    never train in this run): the base model's folder has them."""
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if not saved(k)]:
+        del state[key]
+
+
+def check_trained(model: nn.Module, checkpoint: dict, saved) -> None:
+    """`on_load_checkpoint`: every entry `saved(key)` accepts is in the checkpoint, else one error."""
+    have = checkpoint.get("state_dict", {})
+    missing = [k for k in model.state_dict() if saved(k) and k not in have]
+    if missing:
+        raise UserError(
+            f"the checkpoint lacks {len(missing)} of this model's trained weights (e.g. {missing[0]}): "
+            "it was written for another model or other LoRA settings"
+        )
+
+
+def merged_network(backbone: nn.Module, head: nn.Module, lora: bool, pooling: str) -> "TextNetwork":
+    """A plain module `(input_ids, attention_mask) -> head's output`, LoRA merged into the weights."""
+    return TextNetwork(backbone.merge_and_unload() if lora else backbone, head, pooling).eval()
 
 
 class TextClassifier(FineTuner):
@@ -130,24 +181,7 @@ class TextClassifier(FineTuner):
         # built from them, and on_load_checkpoint checks that nothing else is missing.
         self.strict_loading = False
 
-    @staticmethod
-    def prepare_run(config) -> None:
-        """Called by the CLI once the run is parsed, before anything is built: the `text` extra
-        installed, the data's tokenizer named by the model (unless --data.tokenizer says otherwise),
-        and under FSDP the encoder's transformer layer as the unit of sharding and activation
-        checkpointing."""
-        transformers()  # one ERROR line with the install command when the extra is missing
-        model, data = config.model.init_args, config.data.get("init_args")
-        if data is not None and "tokenizer" in data and not data.tokenizer:
-            data.tokenizer = model.model_name_or_path
-        strategy = config.trainer.get("strategy")
-        init = getattr(strategy, "init_args", None)
-        if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
-            layer = layer_class(encoder_skeleton(model.model_name_or_path))
-            init.auto_wrap_policy = {layer}
-            if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
-                init.activation_checkpointing_policy = {layer}
-            init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
+    prepare_run = staticmethod(prepare_text_run)
 
     def build_network(self, network=None):
         h = self.hparams
@@ -163,9 +197,7 @@ class TextClassifier(FineTuner):
         return peft_adapters(encoder, h.lora_rank, h.lora_alpha, h.lora_dropout, h.lora_target_modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, mask = x[:, 0], x[:, 1]
-        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self.head(self.dropout(pool(hidden, mask, self.hparams.pooling)))
+        return self.head(self.dropout(encode(self.backbone, x[:, 0], x[:, 1], self.hparams.pooling)))
 
     def saved_in_checkpoint(self, key: str) -> bool:
         """Whether state_dict entry `key` goes into checkpoints: all but the pretrained weights
@@ -177,18 +209,10 @@ class TextClassifier(FineTuner):
         return not (self.hparams.freeze_backbone and self.hparams.unfreeze_at_epoch is None)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if not self.saved_in_checkpoint(k)]:
-            del state[key]
+        drop_untrained(checkpoint, self.saved_in_checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        have = checkpoint.get("state_dict", {})
-        missing = [k for k in self.state_dict() if self.saved_in_checkpoint(k) and k not in have]
-        if missing:
-            raise UserError(
-                f"the checkpoint lacks {len(missing)} of this model's trained weights (e.g. {missing[0]}): "
-                "it was written for another model or other LoRA settings"
-            )
+        check_trained(self, checkpoint, self.saved_in_checkpoint)
         super().on_load_checkpoint(checkpoint)
 
     def on_predict_start(self) -> None:
@@ -196,17 +220,15 @@ class TextClassifier(FineTuner):
 
     def inference_network(self) -> nn.Module:
         """A plain module `(input_ids, attention_mask) -> logits`, LoRA merged into the weights."""
-        encoder = self.backbone.merge_and_unload() if self.hparams.lora_rank else self.backbone
-        return TextNetwork(encoder, self.head, self.hparams.pooling).eval()
+        return merged_network(self.backbone, self.head, bool(self.hparams.lora_rank), self.hparams.pooling)
 
 
 class TextNetwork(nn.Module):
     """The encoder, pooling and head without Lightning: what export writes to a file."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Linear, pooling: str):
+    def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str):
         super().__init__()
         self.encoder, self.head, self.pooling = encoder, head, pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(pool(hidden, attention_mask, self.pooling))
+        return self.head(encode(self.encoder, input_ids, attention_mask, self.pooling))
