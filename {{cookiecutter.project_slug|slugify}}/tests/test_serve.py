@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("litserve", reason="the serve extra is not installed: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the dev extra is not installed: pip install -e '.[dev]'")
 
-from conftest import ROOT, write_table  # noqa: E402
+from conftest import ROOT, write_numbers, write_table  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from serving import Server, group_members  # noqa: E402
@@ -246,6 +246,39 @@ def test_images_are_read_as_training_reads_them():
     Image.fromarray(grey).save(jpeg, format="JPEG", quality=95)
     decoded = serve.read_image(base64.b64encode(jpeg.getvalue()).decode(), (1, 8, 8))
     assert np.abs(decoded[0].astype(int) - grey).max() < 16  # JPEG is lossy, but it is read
+
+
+@pytest.mark.parametrize("kind", ["table"{% if cookiecutter.text == "yes" %}, "text"{% endif %}])
+def test_a_model_that_predicts_numbers_answers_its_value_as_predict(tmp_path, monkeypatch, kind):
+    """A Regressor{% if cookiecutter.text == "yes" %} or TextRegressor{% endif %} answers `{"value": v}`: predict_step's value, in the target's units."""
+    monkeypatch.chdir(tmp_path)
+    if kind == "table":
+        data = write_numbers(tmp_path / "table.csv")  # y about 50 + 20 x1 - 10 x2
+        config = str(ROOT / "configs" / "regression_csv.yaml")
+        args = ["--config", config, f"--data.path={data}", "--data.label_column=y"]
+        bodies = [{"features": {"x1": k / 3, "x2": -k / 5, "x3": 0.0}} for k in range(5)]
+{%- if cookiecutter.text == "yes" %}
+    else:
+        pytest.importorskip("transformers", reason="the text extra is not installed: pip install -e '.[text]'")
+        from textdata import write_scores, write_tiny_bert
+
+        bert, data = write_tiny_bert(tmp_path / "tiny-bert"), write_scores(tmp_path / "scores.csv", 40)
+        args = ["--config", str(ROOT / "configs" / "text_regression.yaml"), f"--data.path={data}",
+                f"--model.model_name_or_path={bert}", "--data.max_length=16"]  # fmt: skip
+        bodies = [{"text": text} for text in ("good", "the food was so very lovely", "awful day " * 20)]
+{%- endif %}
+    run(["fit", *args, "--trainer.max_epochs=1", *QUIET])
+    best = next(tmp_path.glob("logs/*/version_0/checkpoints/best.ckpt"))
+    api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", "4"]))
+    assert isinstance(api, serve.RegressorAPI if kind == "table" else serve.KINDS["TextRegressor"])
+    monkeypatch.setattr(serve, "SERVED", api)
+    inputs = [serve.ClassifyRequest(**body)._input for body in bodies]
+    api.setup("cpu")
+    answers = [api.encode_response(v) for v in api.unbatch(api.predict(api.batch(inputs)))]
+    for answer, x in zip(answers, inputs):
+        with torch.no_grad():
+            alone = api.model.predict_step((api.batch([x]),), 0)  # one request alone, as `predict` computes it
+        assert set(answer) == {"value"} and answer["value"] == pytest.approx(float(alone[0]), abs=1e-4)
 
 
 {% if cookiecutter.text == "yes" -%}

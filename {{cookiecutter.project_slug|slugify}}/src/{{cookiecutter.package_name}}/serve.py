@@ -7,7 +7,9 @@ Needs the `serve` extra: pip install -e '.[serve]'. Every classifier answers the
 `POST /predict` with `{"image": "<base64 PNG or JPEG>"}`, `{"features": {"<column>": value, ...}}`
 or `{"text": "..."}` gives `{"class": "<name>", "index": k, "probabilities": {"<name>": p, ...}}`,
 the same numbers as `python train.py predict` (the checkpoint's own normalisation, class names,
-feature columns and tokenizer). `GET /health` says "ok" once the model is loaded.
+feature columns and tokenizer). A model that predicts a number (`Regressor`{% if cookiecutter.text == "yes" %}, `TextRegressor`{% endif %}) takes the
+same request and answers `{"value": v}`, in the target's units, as `predict` writes it.
+`GET /health` says "ok" once the model is loaded.
 
 How a request travels (LitServe): an HTTP process (uvicorn) parses and checks the JSON body and
 turns it into the model's input (a numpy array); an inference worker (one per device and
@@ -156,9 +158,7 @@ class ClassifierAPI(ServedAPI):
     def read(self, request: ClassifyRequest) -> np.ndarray:
         given = [name for name in ("image", "features", "text") if getattr(request, name) is not None]
         if given != [self.field]:
-            raise ValueError(
-                f"send the field {self.field!r}: this model classifies {self.field}s; got {given or 'none'}"
-            )
+            raise ValueError(f"send the field {self.field!r}: this model reads {self.field}s; got {given or 'none'}")
         return self.convert(getattr(request, self.field))
 
     def convert(self, value) -> np.ndarray:
@@ -215,6 +215,21 @@ class ClassifierAPI(ServedAPI):
         return {"class": self.names[k], "index": k, "probabilities": dict(zip(self.names, p))}
 
 
+class RegressorAPI(ClassifierAPI):
+    """A table model that predicts a number (`models.Regressor`): `{"value": v}` in the target's units."""
+
+    def load(self, device: str = "cpu"):
+        from .models import Regressor
+
+        return load_model(Regressor, Path(self.checkpoint)).to(device)
+
+    def describe(self) -> str:
+        return "POST /predict with features -> a number"
+
+    def encode_response(self, value) -> dict:
+        return {"value": float(value)}  # predict_step's value: already in the target's units
+
+
 {% if cookiecutter.text == "yes" -%}
 class TextClassifierAPI(ClassifierAPI):
     """A fine-tuned language model (`models.TextClassifier`): texts, tokenised by the model's tokenizer."""
@@ -244,6 +259,20 @@ class TextClassifierAPI(ClassifierAPI):
     def batch(self, inputs: list[np.ndarray]):
         x = self.torch.from_numpy(np.stack(inputs))
         return x[:, :, : max(1, int(x[:, 1].sum(dim=1).max()))]  # cut the padding no text of the batch needs
+
+
+class TextRegressorAPI(TextClassifierAPI):
+    """A text model that predicts a number (`models.text_regressor.TextRegressor`): `{"value": v}`."""
+
+    def load(self, device: str = "cpu"):
+        from .models.text_regressor import TextRegressor
+
+        return load_model(TextRegressor, Path(self.checkpoint)).to(device)
+
+    def describe(self) -> str:
+        return "POST /predict with a text -> a number"
+
+    encode_response = RegressorAPI.encode_response
 
 
 {% endif -%}
@@ -375,8 +404,10 @@ class ChatAPI(GenerativeAPI):
 KINDS: dict[str, Callable[..., ServedAPI]] = {
 {%- if cookiecutter.text == "yes" %}
     "TextClassifier": TextClassifierAPI,
+    "TextRegressor": TextRegressorAPI,
 {%- endif %}
     "Classifier": ClassifierAPI,
+    "Regressor": RegressorAPI,
 }
 
 
