@@ -159,6 +159,25 @@ def test_own_network_gives_one_value_in_the_target_units():
         Regressor(input_shape=(3,), network=nn.Linear(3, 2))
 
 
+def test_predictions_stay_float32_under_bf16_mixed():
+    """Under bf16-mixed (configs/trainer/gpu.yaml) the network's output is bfloat16; in the target's units
+    that would round 300000 to a multiple of 2048, so the last layer computes in float32."""
+    from torch import nn
+
+    from {{ cookiecutter.package_name }}.models import Regressor
+
+    model = Regressor(input_shape=(3,), network=nn.Linear(3, 1))
+    model.head.mean.fill_(300000.0)
+    model.head.std.fill_(1000.0)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    assert mixed.dtype == torch.float32
+    assert (mixed - exact).abs().max() < 20  # the network's own bfloat16 rounding, times the std of 1000
+
+
 def test_scatter_image_puts_perfect_predictions_on_the_diagonal():
     true = torch.linspace(-5, 300, 40)
     pixels = torch.tensor(list(scatter_image(true.clone(), true).getdata())).reshape(320, 320, 3)

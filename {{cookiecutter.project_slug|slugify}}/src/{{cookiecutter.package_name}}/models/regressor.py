@@ -36,7 +36,9 @@ class TargetScale(nn.Module):
         self.register_buffer("std", torch.ones(()))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std + self.mean
+        # In float32 whatever the network's precision: under bf16-mixed z is bfloat16, whose 8 bits of
+        # mantissa would round a prediction of 300000 to a multiple of 2048.
+        return z.float() * self.std.float() + self.mean.float()
 
 
 def scores(prefix: str) -> MetricCollection:
