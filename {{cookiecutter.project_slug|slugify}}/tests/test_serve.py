@@ -270,7 +270,11 @@ def test_a_model_that_predicts_numbers_answers_its_value_as_predict(tmp_path, mo
     run(["fit", *args, "--trainer.max_epochs=1", *QUIET])
     best = next(tmp_path.glob("logs/*/version_0/checkpoints/best.ckpt"))
     api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", "4"]))
-    assert isinstance(api, serve.RegressorAPI if kind == "table" else serve.KINDS["TextRegressor"])
+{%- if cookiecutter.text == "yes" %}
+    assert isinstance(api, serve.RegressorAPI if kind == "table" else serve.TextRegressorAPI)
+{%- else %}
+    assert isinstance(api, serve.RegressorAPI)
+{%- endif %}
     monkeypatch.setattr(serve, "SERVED", api)
     inputs = [serve.ClassifyRequest(**body)._input for body in bodies]
     api.setup("cpu")
