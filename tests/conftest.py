@@ -97,9 +97,15 @@ def pytest_report_header(config) -> str:
     return f"real data: Debian packages {', '.join(DEBIAN_PACKAGES)} extracted in {found}"
 
 
+def outside_env(*drop: str) -> dict:
+    """This process's environment without what points into this checkout's environment or source
+    (PYTHONPATH, VIRTUAL_ENV, and `drop`): the environment a baked project's commands run in."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *drop)}
+
+
 def baked_suite(markers: str) -> tuple[dict, list[str]]:
     """The environment and `-m` arguments that run a baked project's tests of `markers` here."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = outside_env()
     found = debian_files()
     if found is None:
         return env, ["-m", f"({markers}) and not debian"]

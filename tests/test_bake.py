@@ -396,15 +396,6 @@ def test_custom_project_name_sets_slug_and_package(bake):
     assert stale == []
 
 
-def test_baked_project_passes_ruff(bake):
-    project = bake(project_name="Digit Lab").project_path
-
-    check = ruff(project, "check")
-    assert check.returncode == 0, check.stdout + check.stderr
-    fmt = ruff(project, "format", "--check")
-    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
-
-
 def test_github_workflow_is_valid_yaml(bake):
     project = bake(github_actions="yes").project_path
 
@@ -452,10 +443,10 @@ def test_each_shape_bakes_exactly_its_files(bake, shape):
         if word in (project / path).read_text(encoding="utf-8")
     ]
     assert traces == [], "a switched-off part left a trace:\n" + "\n".join(traces)
-    if shape in ("all-on", "all-off"):
-        for args in (["check"], ["format", "--check"]):
-            linted = ruff(project, *args)
-            assert linted.returncode == 0, f"{shape}: ruff {' '.join(args)}\n{linted.stdout}{linted.stderr}"
+    # Every shape lints clean: a Jinja conditional can leave an import or a variable unused in one of them.
+    for args in (["check"], ["format", "--check"]):
+        linted = ruff(project, *args)
+        assert linted.returncode == 0, f"{shape}: ruff {' '.join(args)}\n{linted.stdout}{linted.stderr}"
 
 
 def test_parts_are_yes_no_questions_with_a_prompt():

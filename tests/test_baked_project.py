@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import baked_suite
+from conftest import baked_suite, outside_env
 from test_bake import ALL_OFF
 
 pytestmark = pytest.mark.slow
 
 
 def run(command: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = outside_env()
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

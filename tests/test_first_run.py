@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEMPLATE
+from conftest import TEMPLATE, outside_env
 from readme_commands import readme_commands
 
 
@@ -64,7 +64,7 @@ def fresh_machine_env(tmp_path: Path) -> dict:
     held = tmp_path / "torch.txt"
     held.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
     outer = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
+    env = outside_env("PIP_REQUIRE_VIRTUALENV")
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != outer)
     env["PIP_CONSTRAINT"] = str(held)
     return env

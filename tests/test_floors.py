@@ -8,7 +8,6 @@ every other dependency, extras included, at the lowest version that `pyproject.t
 through CLI and Trainer paths that the other files cover too, so CI does not pay twice for them.
 """
 
-import os
 import subprocess
 import sys
 import tomllib
@@ -19,6 +18,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from conftest import outside_env
 from test_baked_project import assert_suite_passed, bake_both, split_test_files
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ SAME_ON_EVERY_VERSION = [
 
 
 def run(command: list, cwd: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = outside_env()
     return subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

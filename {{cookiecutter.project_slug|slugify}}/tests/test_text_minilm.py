@@ -58,7 +58,7 @@ def test_minilm_lora_fit_test_predict{% if cookiecutter.export == "yes" %}_expor
         "--data.label_column=sentiment", "--data.encoding=latin-1", "--data.max_length=48", "--trainer.max_epochs=1",
         "--model.warmup_steps=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     ]  # fmt: skip
-    fitted = run(["fit", *args])
+    {% if cookiecutter.export == "yes" %}fitted = {% endif %}run(["fit", *args])
     assert "Trainable parameters: " in capsys.readouterr().out
     folder = tmp_path / "logs" / "text_lora" / "version_0" / "checkpoints"
     best = folder / "best.ckpt"
