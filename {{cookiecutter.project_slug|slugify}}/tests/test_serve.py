@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("litserve", reason="the serve extra is not installed: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the dev extra is not installed: pip install -e '.[dev]'")
 
-from conftest import ROOT, write_table  # noqa: E402
+from conftest import ROOT, write_numbers, write_table  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from serving import Server, group_members  # noqa: E402
@@ -183,6 +183,14 @@ def train_table(folder: Path) -> Path:
     return next(folder.glob("logs/custom_csv/version_0/checkpoints/best.ckpt"))
 
 
+def train_regressor(folder: Path) -> Path:
+    """A regressor of y = 50 + 20 x1 - 10 x2 (conftest.write_numbers) trained in `folder` (the working directory)."""
+    config, table = str(ROOT / "configs" / "regression_csv.yaml"), write_numbers(folder / "numbers.csv")
+    run(["fit", "--config", config, f"--data.path={table}", "--data.label_column=y", "--trainer.max_epochs=3",
+         "--model.lr=0.01", *QUIET])  # fmt: skip
+    return next(folder.glob("logs/regression_csv/version_0/checkpoints/best.ckpt"))
+
+
 {% if cookiecutter.text == "yes" -%}
 def train_text(folder: Path) -> tuple[Path, Path]:
     """A text classifier on a tiny BERT, trained in `folder` (the working directory): (checkpoint, model folder)."""
@@ -223,6 +231,37 @@ def test_a_table_model_reads_named_features_and_answers_as_predict(tmp_path, mon
     assert [a["class"] for a in answers] == [model.hparams.class_names[k] for k in expected.argmax(-1).tolist()]
     for answer, p in zip(answers, expected):
         assert list(answer["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_a_regressor_answers_predicts_value_in_the_target_units(tmp_path, monkeypatch):
+    """`{"features": ...}` -> `{"value": v}`: the number `predict` writes for the same row, in a batch or alone."""
+    monkeypatch.chdir(tmp_path)
+    best = train_regressor(tmp_path)
+    rows = [{"x1": 1.0, "x2": 0.0, "x3": 0.0}, {"x1": 0.0, "x2": 1.0, "x3": 0.5}, {"x3": 2, "x2": -1.5, "x1": -0.25}]
+    (tmp_path / "new.csv").write_text("x1,x2,x3\n" + "".join(f"{r['x1']},{r['x2']},{r['x3']}\n" for r in rows))
+    config = str(ROOT / "configs" / "regression_csv.yaml")
+    run(["predict", "--config", config, "--data.path=numbers.csv", "--data.label_column=y", "--ckpt_path", str(best),
+         "--data.predict_file=new.csv", "--predictions.output=out.csv", *QUIET])  # fmt: skip
+    with open(tmp_path / "out.csv", newline="") as f:
+        predicted = [float(row["predicted"]) for row in csv.DictReader(f)]
+    assert predicted[0] - predicted[1] == pytest.approx(30, abs=12)  # in the target's units: 20 x1 - 10 x2
+
+    for batch in (4, 1):
+        api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", str(batch)]))
+        assert isinstance(api, serve.RegressorAPI) and "-> a value" in api.describe()
+        monkeypatch.setattr(serve, "SERVED", api)
+        inputs = [serve.ClassifyRequest(features=row).prepared() for row in rows]
+        api.setup("cpu")
+        if batch == 1:  # LitServe calls neither batch nor unbatch
+            answers = [api.encode_response(api.predict(x)) for x in inputs]
+        else:
+            answers = [api.encode_response(v) for v in api.unbatch(api.predict(api.batch(inputs)))]
+        assert [set(a) for a in answers] == [{"value"}] * 3
+        assert [a["value"] for a in answers] == pytest.approx(predicted, rel=1e-5)
+    with pytest.raises(ValidationError, match=r"missing \['x3'\]"):
+        serve.ClassifyRequest(features={"x1": 1, "x2": 2})
+    with pytest.raises(ValidationError, match="send the field 'features'"):
+        serve.ClassifyRequest(text="twelve")
 
 
 def test_a_checkpoint_of_an_unknown_model_is_refused_in_one_line(tmp_path, capsys):

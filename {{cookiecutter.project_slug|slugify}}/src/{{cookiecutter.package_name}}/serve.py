@@ -7,7 +7,8 @@ Needs the `serve` extra: pip install -e '.[serve]'. Every classifier answers the
 `POST /predict` with `{"image": "<base64 PNG or JPEG>"}`, `{"features": {"<column>": value, ...}}`
 or `{"text": "..."}` gives `{"class": "<name>", "index": k, "probabilities": {"<name>": p, ...}}`,
 the same numbers as `python train.py predict` (the checkpoint's own normalisation, class names,
-feature columns and tokenizer). `GET /health` says "ok" once the model is loaded.
+feature columns and tokenizer). A regressor takes the same `{"features": ...}` and gives
+`{"value": v}`, in the target's units. `GET /health` says "ok" once the model is loaded.
 
 How a request travels (LitServe): an HTTP process (uvicorn) parses and checks the JSON body and
 turns it into the model's input (a numpy array); an inference worker (one per device and
@@ -30,6 +31,9 @@ base class's). Generative kinds (a language model trained from zero, a chat mode
 import argparse
 import base64
 import binascii
+{% if cookiecutter.gpt == "yes" or cookiecutter.chat == "yes" -%}
+import functools
+{% endif -%}
 import hmac
 import importlib
 import io
@@ -215,6 +219,22 @@ class ClassifierAPI(ServedAPI):
         return {"class": self.names[k], "index": k, "probabilities": dict(zip(self.names, p))}
 
 
+class RegressorAPI(ClassifierAPI):
+    """A table regressor (`models.Regressor`): the classifier's features and batches, and one number per
+    request, in the target's units (the model undoes the target's standardisation itself)."""
+
+    def load(self, device: str = "cpu"):
+        from .models import Regressor
+
+        return load_model(Regressor, Path(self.checkpoint)).to(device)
+
+    def describe(self) -> str:
+        return f"POST /predict with features ({len(self.features or [])}) -> a value"
+
+    def encode_response(self, value) -> dict:
+        return {"value": float(value)}
+
+
 {% if cookiecutter.text == "yes" -%}
 class TextClassifierAPI(ClassifierAPI):
     """A fine-tuned language model (`models.TextClassifier`): texts, tokenised by the model's tokenizer."""
@@ -296,6 +316,10 @@ class GenerativeAPI(ServedAPI):
         return context - used if max_tokens is None else max_tokens
 
     def setup(self, device: str) -> None:
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(cpu_threads(self.workers_per_device))
         self.generator.load(device)
 
 
@@ -368,14 +392,108 @@ class ChatAPI(GenerativeAPI):
         return f"POST /v1/chat/completions (OpenAI-compatible; context {self.generator.context_length} tokens)"
 
 
+{% if cookiecutter.gpt == "yes" -%}
+class GPTGenerator:
+    """A GPT trained from zero (models/lm.py), for `PromptAPI`: loaded by generate.py, sampled with the
+    network's KV cache, its text given piece by piece as `python -m {{ cookiecutter.package_name }}.generate` prints it."""
+
+    def __init__(self, checkpoint: Path):
+        from .generate import load
+
+        self.checkpoint, self.network = checkpoint, None
+        network, self.tokenizer = load(checkpoint)  # now: a broken file is one ERROR line, not a worker's traceback
+        self.context_length = network.block_size  # the positions the network has embeddings for
+
+    def count_tokens(self, prompt: str) -> int:
+        try:
+            return len(self.tokenizer.encode(prompt, "prompt"))
+        except UserError as err:  # a character the char vocabulary lacks: the request's mistake (a 422)
+            raise ValueError(str(err)) from None
+
+    def load(self, device: str) -> None:
+        from .generate import load
+
+        self.network = load(self.checkpoint)[0].to(device)
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+        import torch
+
+        from .generate import text_pieces
+
+        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.network.lm_head.weight.device)
+        steps = self.network.generate(ids, max_tokens, temperature, None, top_p if top_p < 1 else None)
+        yield from text_pieces(steps, self.tokenizer)
+
+
+{% endif -%}
+{% if cookiecutter.chat == "yes" -%}
+class ChatGenerator:
+    """A chat fine-tune (models/chat.py), for `ChatAPI`: loaded by chat_generate.py, prompted with the chat
+    template its checkpoint holds, answering through `chat_reply` (as the command and the Text tab do)."""
+
+    def __init__(self, checkpoint: Path):
+        from .chat_generate import load_chat_model
+
+        self.checkpoint, self.model = checkpoint, None
+        model = load_chat_model(str(checkpoint))  # now: a wrong file is one ERROR line; the HTTP processes keep
+        self.tokenizer = model.tokenizer  # only the tokenizer, with the checkpoint's template
+        config = model.model.config
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        from jinja2 import TemplateError
+
+        from .chat_template import prompt_ids
+
+        try:
+            return len(prompt_ids(self.tokenizer, prompt))
+        except TemplateError as err:  # e.g. a template that wants user and assistant turns to alternate
+            raise ValueError(f"messages: the model's chat template refuses them ({first_line(err)})") from None
+
+    def load(self, device: str) -> None:
+        from .chat_generate import load_chat_model
+
+        self.model = load_chat_model(str(self.checkpoint)).to(device)
+
+    def generate(self, prompt: Prompt, max_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+        """The answer's pieces as `chat_reply` streams them: it runs in a thread and hands them over a queue."""
+        import queue
+        import threading
+
+        from .models.chat import chat_reply
+
+        pieces: queue.Queue = queue.Queue()
+
+        def answer():
+            try:
+                chat_reply(self.model, prompt, max_tokens, temperature, None, top_p if top_p < 1 else None,
+                           on_text=pieces.put)  # fmt: skip
+                pieces.put(None)
+            except BaseException as err:  # raised again below, in the worker's own thread
+                pieces.put(err)
+
+        threading.Thread(target=answer, daemon=True).start()
+        while (piece := pieces.get()) is not None:
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
+
+
+{% endif -%}
 # The model class (its name, or a base class's) -> the LitAPI that serves its checkpoints, called
-# as KIND(checkpoint, hparams, max_batch_size=..., batch_timeout=...). A generative part adds e.g.
-#   KINDS["<its model class>"] = functools.partial(PromptAPI, generator=<its TextGenerator class>)
-#   KINDS["<its chat model class>"] = functools.partial(ChatAPI, generator=<its TextGenerator class>)
+# as KIND(checkpoint, hparams, max_batch_size=..., batch_timeout=...). A generative kind is a
+# PromptAPI or a ChatAPI with the part's TextGenerator.
 KINDS: dict[str, Callable[..., ServedAPI]] = {
 {%- if cookiecutter.text == "yes" %}
     "TextClassifier": TextClassifierAPI,
 {%- endif %}
+{%- if cookiecutter.gpt == "yes" %}
+    "GPTModule": functools.partial(PromptAPI, generator=GPTGenerator),
+{%- endif %}
+{%- if cookiecutter.chat == "yes" %}
+    "ChatModel": functools.partial(ChatAPI, generator=ChatGenerator),
+{%- endif %}
+    "Regressor": RegressorAPI,
     "Classifier": ClassifierAPI,
 }
 
