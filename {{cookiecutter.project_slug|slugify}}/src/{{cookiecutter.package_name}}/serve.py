@@ -65,8 +65,11 @@ try:
 except ImportError as err:  # the command without the extra: one line, no traceback
     raise SystemExit(print_error(f"serving needs LitServe and FastAPI ({first_line(err)}): {SERVE_EXTRA}")) from None
 
-# LitServe warns that batch() and unbatch() go unused when a server runs with --max_batch_size 1.
+# LitServe warns that batch() and unbatch() go unused when a server runs with --max_batch_size 1; and that
+# a LitAPI's __init__ took over a second when its class inherits `setup` (it looks for one of its own): ours
+# load the weights in `setup`, and their __init__ reads the checkpoint's settings and the tokenizer.
 warnings.filterwarnings("ignore", message="The LitServer has both batch and unbatch methods implemented")
+warnings.filterwarnings("ignore", message=r".*\.__init__ took [0-9.]+ seconds to execute")
 
 # The LitAPI of the running server, in the HTTP processes: the request models below check and
 # convert bodies with it. serve() sets it before LitServe forks those processes (they inherit it).
@@ -432,12 +435,15 @@ class ChatGenerator:
     template its checkpoint holds, answering through `chat_reply` (as the command and the Text tab do)."""
 
     def __init__(self, checkpoint: Path):
-        from .chat_generate import load_chat_model
+        from .chat_template import CHAT_EXTRA, use_template
+        from .pretrained import load_tokenizer, transformers
 
+        # The HTTP processes count tokens: the tokenizer with the checkpoint's template, as the model has it
+        # (models/chat.py), and the context from the model's config; the weights are the worker's alone.
         self.checkpoint, self.model = checkpoint, None
-        model = load_chat_model(str(checkpoint))  # now: a wrong file is one ERROR line; the HTTP processes keep
-        self.tokenizer = model.tokenizer  # only the tokenizer, with the checkpoint's template
-        config = model.model.config
+        h = read_checkpoint(checkpoint, f"--ckpt_path={checkpoint}").get("hyper_parameters") or {}
+        self.tokenizer = use_template(load_tokenizer(h.get("model_name_or_path"), CHAT_EXTRA), h.get("chat_template"))
+        config = transformers(CHAT_EXTRA).AutoConfig.from_pretrained(h["model_name_or_path"])
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
 
     def count_tokens(self, prompt: Prompt) -> int:
