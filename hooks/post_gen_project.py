@@ -1,10 +1,11 @@
 """Remove what the answers turned off.
 
 PARTS lists each optional part's own files and folders (relative to the project root); a part
-answered "no" loses them all (a file that needs two parts, like text_export.py, is listed under both).
-SHARED lists the files that any of several parts uses (pretrained.py: text and chat). Files that
-several parts share (README, pyproject.toml, CI) choose their lines with Jinja conditionals instead.
-A new part adds one entry here and one question in cookiecutter.json.
+answered "no" loses them all (a file that needs two parts, like text_export.py or tests/test_serve_gpt.py,
+is listed under both). SHARED lists the files that any of several parts uses (pretrained.py: text and
+chat). Files that several parts share (README, pyproject.toml, CI) choose their lines with Jinja
+conditionals instead. A new part adds one entry here and one question in
+cookiecutter.json.
 """
 
 import json
@@ -30,17 +31,18 @@ PARTS = {
     "gpt": [
         f"{PKG}/models/gpt.py", f"{PKG}/models/lm.py", f"{PKG}/data/corpus.py", f"{PKG}/generate.py",
         "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
-        "tests/test_gpt.py", "tests/test_gpt_slow.py",
+        "tests/test_gpt.py", "tests/test_gpt_slow.py", "tests/test_serve_gpt.py",
     ],
     "serve": [
         f"{PKG}/serve.py", "benchmarks/serve.py",
         "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",
+        "tests/test_serve_gpt.py", "tests/test_serve_chat.py",
     ],
     "chat": [
         f"{PKG}/chat_template.py", f"{PKG}/chat_generate.py", f"{PKG}/chat_export.py",
         f"{PKG}/data/chat.py", f"{PKG}/models/chat.py", "configs/sft_lora.yaml", "configs/sft_full.yaml",
         "benchmarks/sft.py", "tests/chatdata.py", "tests/test_chat.py", "tests/test_chat_data.py",
-        "tests/test_chat_smollm2.py",
+        "tests/test_chat_smollm2.py", "tests/test_serve_chat.py",
     ],
 }  # fmt: skip
 

@@ -141,7 +141,9 @@ EXPECTED_FILES = [
     "tests/test_run_view.py",
     "tests/test_search.py",
     "tests/test_serve.py",
+    "tests/test_serve_chat.py",
     "tests/test_serve_generate.py",
+    "tests/test_serve_gpt.py",
     "tests/test_tensorboard.py",
     "tests/test_text.py",
     "tests/test_text_minilm.py",
@@ -172,17 +174,18 @@ PART_FILES = {
     "gpt": [
         "src/{pkg}/models/gpt.py", "src/{pkg}/models/lm.py", "src/{pkg}/data/corpus.py", "src/{pkg}/generate.py",
         "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
-        "tests/test_gpt.py", "tests/test_gpt_slow.py",
+        "tests/test_gpt.py", "tests/test_gpt_slow.py", "tests/test_serve_gpt.py",
     ],
     "serve": [
         "src/{pkg}/serve.py", "benchmarks/serve.py",
         "tests/test_serve.py", "tests/test_serve_generate.py", "tests/serving.py", "tests/standin.py",
+        "tests/test_serve_gpt.py", "tests/test_serve_chat.py",
     ],
     "chat": [
         "src/{pkg}/chat_template.py", "src/{pkg}/chat_generate.py", "src/{pkg}/chat_export.py",
         "src/{pkg}/data/chat.py", "src/{pkg}/models/chat.py", "configs/sft_lora.yaml", "configs/sft_full.yaml",
         "benchmarks/sft.py", "tests/chatdata.py", "tests/test_chat.py", "tests/test_chat_data.py",
-        "tests/test_chat_smollm2.py",
+        "tests/test_chat_smollm2.py", "tests/test_serve_chat.py",
     ],
 }  # fmt: skip
 # Files that several parts use: a bake has them while any of those parts is on.

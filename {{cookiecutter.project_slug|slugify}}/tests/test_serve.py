@@ -183,6 +183,14 @@ def train_table(folder: Path) -> Path:
     return next(folder.glob("logs/custom_csv/version_0/checkpoints/best.ckpt"))
 
 
+def train_regressor(folder: Path) -> Path:
+    """A regressor of y = 50 + 20 x1 - 10 x2 (conftest.write_numbers) trained in `folder` (the working directory)."""
+    config, table = str(ROOT / "configs" / "regression_csv.yaml"), write_numbers(folder / "numbers.csv")
+    run(["fit", "--config", config, f"--data.path={table}", "--data.label_column=y", "--trainer.max_epochs=3",
+         "--model.lr=0.01", *QUIET])  # fmt: skip
+    return next(folder.glob("logs/regression_csv/version_0/checkpoints/best.ckpt"))
+
+
 {% if cookiecutter.text == "yes" -%}
 def train_text(folder: Path) -> tuple[Path, Path]:
     """A text classifier on a tiny BERT, trained in `folder` (the working directory): (checkpoint, model folder)."""
@@ -225,6 +233,37 @@ def test_a_table_model_reads_named_features_and_answers_as_predict(tmp_path, mon
         assert list(answer["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
 
 
+def test_a_regressor_answers_predicts_value_in_the_target_units(tmp_path, monkeypatch):
+    """`{"features": ...}` -> `{"value": v}`: the number `predict` writes for the same row, in a batch or alone."""
+    monkeypatch.chdir(tmp_path)
+    best = train_regressor(tmp_path)
+    rows = [{"x1": 1.0, "x2": 0.0, "x3": 0.0}, {"x1": 0.0, "x2": 1.0, "x3": 0.5}, {"x3": 2, "x2": -1.5, "x1": -0.25}]
+    (tmp_path / "new.csv").write_text("x1,x2,x3\n" + "".join(f"{r['x1']},{r['x2']},{r['x3']}\n" for r in rows))
+    config = str(ROOT / "configs" / "regression_csv.yaml")
+    run(["predict", "--config", config, "--data.path=numbers.csv", "--data.label_column=y", "--ckpt_path", str(best),
+         "--data.predict_file=new.csv", "--predictions.output=out.csv", *QUIET])  # fmt: skip
+    with open(tmp_path / "out.csv", newline="") as f:
+        predicted = [float(row["predicted"]) for row in csv.DictReader(f)]
+    assert predicted[0] - predicted[1] == pytest.approx(30, abs=12)  # in the target's units: 20 x1 - 10 x2
+
+    for batch in (4, 1):
+        api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", str(batch)]))
+        assert isinstance(api, serve.RegressorAPI) and "-> a value" in api.describe()
+        monkeypatch.setattr(serve, "SERVED", api)
+        inputs = [serve.ClassifyRequest(features=row).prepared() for row in rows]
+        api.setup("cpu")
+        if batch == 1:  # LitServe calls neither batch nor unbatch
+            answers = [api.encode_response(api.predict(x)) for x in inputs]
+        else:
+            answers = [api.encode_response(v) for v in api.unbatch(api.predict(api.batch(inputs)))]
+        assert [set(a) for a in answers] == [{"value"}] * 3
+        assert [a["value"] for a in answers] == pytest.approx(predicted, rel=1e-5)
+    with pytest.raises(ValidationError, match=r"missing \['x3'\]"):
+        serve.ClassifyRequest(features={"x1": 1, "x2": 2})
+    with pytest.raises(ValidationError, match="send the field 'features'"):
+        serve.ClassifyRequest(text="twelve")
+
+
 def test_a_checkpoint_of_an_unknown_model_is_refused_in_one_line(tmp_path, capsys):
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "lightning.LightningModule"}}, path)
@@ -248,35 +287,23 @@ def test_images_are_read_as_training_reads_them():
     assert np.abs(decoded[0].astype(int) - grey).max() < 16  # JPEG is lossy, but it is read
 
 
-@pytest.mark.parametrize("kind", ["table"{% if cookiecutter.text == "yes" %}, "text"{% endif %}])
-def test_a_model_that_predicts_numbers_answers_its_value_as_predict(tmp_path, monkeypatch, kind):
-    """A Regressor{% if cookiecutter.text == "yes" %} or TextRegressor{% endif %} answers `{"value": v}`: predict_step's value, in the target's units."""
-    monkeypatch.chdir(tmp_path)
-    if kind == "table":
-        data = write_numbers(tmp_path / "table.csv")  # y about 50 + 20 x1 - 10 x2
-        config = str(ROOT / "configs" / "regression_csv.yaml")
-        args = ["--config", config, f"--data.path={data}", "--data.label_column=y"]
-        bodies = [{"features": {"x1": k / 3, "x2": -k / 5, "x3": 0.0}} for k in range(5)]
-{%- if cookiecutter.text == "yes" %}
-    else:
-        pytest.importorskip("transformers", reason="the text extra is not installed: pip install -e '.[text]'")
-        from textdata import write_scores, write_tiny_bert
+{% if cookiecutter.text == "yes" -%}
+def test_a_text_regressor_answers_its_value_as_predict(tmp_path, monkeypatch):
+    """A TextRegressor answers `{"value": v}`: predict_step's value for the text alone, in the target's units."""
+    pytest.importorskip("transformers", reason="the text extra is not installed: pip install -e '.[text]'")
+    from textdata import write_scores, write_tiny_bert
 
-        bert, data = write_tiny_bert(tmp_path / "tiny-bert"), write_scores(tmp_path / "scores.csv", 40)
-        args = ["--config", str(ROOT / "configs" / "text_regression.yaml"), f"--data.path={data}",
-                f"--model.model_name_or_path={bert}", "--data.max_length=16"]  # fmt: skip
-        bodies = [{"text": text} for text in ("good", "the food was so very lovely", "awful day " * 20)]
-{%- endif %}
+    monkeypatch.chdir(tmp_path)
+    bert, data = write_tiny_bert(tmp_path / "tiny-bert"), write_scores(tmp_path / "scores.csv", 40)
+    args = ["--config", str(ROOT / "configs" / "text_regression.yaml"), f"--data.path={data}",
+            f"--model.model_name_or_path={bert}", "--data.max_length=16"]  # fmt: skip
+    bodies = [{"text": text} for text in ("good", "the food was so very lovely", "awful day " * 20)]
     run(["fit", *args, "--trainer.max_epochs=1", *QUIET])
     best = next(tmp_path.glob("logs/*/version_0/checkpoints/best.ckpt"))
     api = serve.build_api(serve.parse(["--ckpt_path", str(best), "--max_batch_size", "4"]))
-{%- if cookiecutter.text == "yes" %}
-    assert isinstance(api, serve.RegressorAPI if kind == "table" else serve.TextRegressorAPI)
-{%- else %}
-    assert isinstance(api, serve.RegressorAPI)
-{%- endif %}
+    assert isinstance(api, serve.TextRegressorAPI) and "-> a value" in api.describe()
     monkeypatch.setattr(serve, "SERVED", api)
-    inputs = [serve.ClassifyRequest(**body)._input for body in bodies]
+    inputs = [serve.ClassifyRequest(**body).prepared() for body in bodies]
     api.setup("cpu")
     answers = [api.encode_response(v) for v in api.unbatch(api.predict(api.batch(inputs)))]
     for answer, x in zip(answers, inputs):
@@ -285,6 +312,7 @@ def test_a_model_that_predicts_numbers_answers_its_value_as_predict(tmp_path, mo
         assert set(answer) == {"value"} and answer["value"] == pytest.approx(float(alone[0]), abs=1e-4)
 
 
+{% endif -%}
 {% if cookiecutter.text == "yes" -%}
 def test_a_text_model_tokenises_as_training_and_answers_as_predict(tmp_path, monkeypatch):
     """The text classifier's side, in this process: its tokenizer in the HTTP process, texts of

@@ -54,6 +54,22 @@ def load(path: Path) -> tuple[GPT, Tokenizer]:
     return network.eval(), Tokenizer(h["vocab"])
 
 
+def text_pieces(steps, tokenizer: Tokenizer):
+    """The text of the token ids `steps` yields (tensors of one id), piece by piece as they come
+    (the command prints them, the server streams them)."""
+    new, shown = [], ""
+    for token in steps:
+        new.append(token.item())
+        text = tokenizer.decode(new)
+        # A byte-level token may end inside a character: wait for the rest.
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
+            yield text[len(shown) :]
+            shown = text
+    rest = tokenizer.decode(new)[len(shown) :]
+    if rest:
+        yield rest
+
+
 def main(args=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt_path", default="best", help="a .ckpt file, or best / last of --config's runs")
@@ -74,17 +90,12 @@ def main(args=None) -> None:
     except UserError as err:
         sys.exit(print_error(err))
     generator = torch.Generator().manual_seed(opts.seed)
-    idx, new, shown = torch.tensor([ids]), [], ""
     print(opts.prompt, end="", flush=True)
-    steps = network.generate(idx, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
+    steps = network.generate(torch.tensor([ids]), opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
                              use_cache=not opts.no_cache, generator=generator)  # fmt: skip
-    for token in steps:
-        new.append(token.item())
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):  # a byte-level token may end inside a character: wait for the rest
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
-    print(tokenizer.decode(new)[len(shown) :], flush=True)
+    for piece in text_pieces(steps, tokenizer):
+        print(piece, end="", flush=True)
+    print(flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ base class's). Generative kinds (a language model trained from zero, a chat mode
 import argparse
 import base64
 import binascii
+{% if cookiecutter.gpt == "yes" or cookiecutter.chat == "yes" -%}
+import functools
+{% endif -%}
 import hmac
 import importlib
 import io
@@ -63,8 +66,11 @@ try:
 except ImportError as err:  # the command without the extra: one line, no traceback
     raise SystemExit(print_error(f"serving needs LitServe and FastAPI ({first_line(err)}): {SERVE_EXTRA}")) from None
 
-# LitServe warns that batch() and unbatch() go unused when a server runs with --max_batch_size 1.
+# LitServe warns that batch() and unbatch() go unused when a server runs with --max_batch_size 1; and that
+# a LitAPI's __init__ took over a second when its class inherits `setup` (it looks for one of its own): ours
+# load the weights in `setup`, and their __init__ reads the checkpoint's settings and the tokenizer.
 warnings.filterwarnings("ignore", message="The LitServer has both batch and unbatch methods implemented")
+warnings.filterwarnings("ignore", message=r".*\.__init__ took [0-9.]+ seconds to execute")
 
 # The LitAPI of the running server, in the HTTP processes: the request models below check and
 # convert bodies with it. serve() sets it before LitServe forks those processes (they inherit it).
@@ -224,7 +230,7 @@ class RegressorAPI(ClassifierAPI):
         return load_model(Regressor, Path(self.checkpoint)).to(device)
 
     def describe(self) -> str:
-        return "POST /predict with features -> a number"
+        return f"POST /predict with features ({len(self.features or [])}) -> a value"
 
     def encode_response(self, value) -> dict:
         return {"value": float(value)}  # predict_step's value: already in the target's units
@@ -270,7 +276,7 @@ class TextRegressorAPI(TextClassifierAPI):
         return load_model(TextRegressor, Path(self.checkpoint)).to(device)
 
     def describe(self) -> str:
-        return "POST /predict with a text -> a number"
+        return "POST /predict with a text -> a value"
 
     encode_response = RegressorAPI.encode_response
 
@@ -325,6 +331,10 @@ class GenerativeAPI(ServedAPI):
         return context - used if max_tokens is None else max_tokens
 
     def setup(self, device: str) -> None:
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(cpu_threads(self.workers_per_device))
         self.generator.load(device)
 
 
@@ -397,14 +407,110 @@ class ChatAPI(GenerativeAPI):
         return f"POST /v1/chat/completions (OpenAI-compatible; context {self.generator.context_length} tokens)"
 
 
+{% if cookiecutter.gpt == "yes" -%}
+class GPTGenerator:
+    """A GPT trained from zero (models/lm.py), for `PromptAPI`: loaded by generate.py, sampled with the
+    network's KV cache, its text given piece by piece as `python -m {{ cookiecutter.package_name }}.generate` prints it."""
+
+    def __init__(self, checkpoint: Path):
+        from .generate import load
+
+        self.checkpoint, self.network = checkpoint, None
+        network, self.tokenizer = load(checkpoint)  # now: a broken file is one ERROR line, not a worker's traceback
+        self.context_length = network.block_size  # the positions the network has embeddings for
+
+    def count_tokens(self, prompt: str) -> int:
+        try:
+            return len(self.tokenizer.encode(prompt, "prompt"))
+        except UserError as err:  # a character the char vocabulary lacks: the request's mistake (a 422)
+            raise ValueError(str(err)) from None
+
+    def load(self, device: str) -> None:
+        from .generate import load
+
+        self.network = load(self.checkpoint)[0].to(device)
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+        import torch
+
+        from .generate import text_pieces
+
+        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.network.lm_head.weight.device)
+        steps = self.network.generate(ids, max_tokens, temperature, None, top_p if top_p < 1 else None)
+        yield from text_pieces(steps, self.tokenizer)
+
+
+{% endif -%}
+{% if cookiecutter.chat == "yes" -%}
+class ChatGenerator:
+    """A chat fine-tune (models/chat.py), for `ChatAPI`: loaded by chat_generate.py, prompted with the chat
+    template its checkpoint holds, answering through `chat_reply` (as the command and the Text tab do)."""
+
+    def __init__(self, checkpoint: Path):
+        from .chat_template import CHAT_EXTRA, use_template
+        from .pretrained import load_tokenizer, transformers
+
+        # The HTTP processes count tokens: the tokenizer with the checkpoint's template, as the model has it
+        # (models/chat.py), and the context from the model's config; the weights are the worker's alone.
+        self.checkpoint, self.model = checkpoint, None
+        h = read_checkpoint(checkpoint, f"--ckpt_path={checkpoint}").get("hyper_parameters") or {}
+        self.tokenizer = use_template(load_tokenizer(h.get("model_name_or_path"), CHAT_EXTRA), h.get("chat_template"))
+        config = transformers(CHAT_EXTRA).AutoConfig.from_pretrained(h["model_name_or_path"])
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        from jinja2 import TemplateError
+
+        from .chat_template import prompt_ids
+
+        try:
+            return len(prompt_ids(self.tokenizer, prompt))
+        except TemplateError as err:  # e.g. a template that wants user and assistant turns to alternate
+            raise ValueError(f"messages: the model's chat template refuses them ({first_line(err)})") from None
+
+    def load(self, device: str) -> None:
+        from .chat_generate import load_chat_model
+
+        self.model = load_chat_model(str(self.checkpoint)).to(device)
+
+    def generate(self, prompt: Prompt, max_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+        """The answer's pieces as `chat_reply` streams them: it runs in a thread and hands them over a queue."""
+        import queue
+        import threading
+
+        from .models.chat import chat_reply
+
+        pieces: queue.Queue = queue.Queue()
+
+        def answer():
+            try:
+                chat_reply(self.model, prompt, max_tokens, temperature, None, top_p if top_p < 1 else None,
+                           on_text=pieces.put)  # fmt: skip
+                pieces.put(None)
+            except BaseException as err:  # raised again below, in the worker's own thread
+                pieces.put(err)
+
+        threading.Thread(target=answer, daemon=True).start()
+        while (piece := pieces.get()) is not None:
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
+
+
+{% endif -%}
 # The model class (its name, or a base class's) -> the LitAPI that serves its checkpoints, called
-# as KIND(checkpoint, hparams, max_batch_size=..., batch_timeout=...). A generative part adds e.g.
-#   KINDS["<its model class>"] = functools.partial(PromptAPI, generator=<its TextGenerator class>)
-#   KINDS["<its chat model class>"] = functools.partial(ChatAPI, generator=<its TextGenerator class>)
+# as KIND(checkpoint, hparams, max_batch_size=..., batch_timeout=...). A generative kind is a
+# PromptAPI or a ChatAPI with the part's TextGenerator.
 KINDS: dict[str, Callable[..., ServedAPI]] = {
 {%- if cookiecutter.text == "yes" %}
     "TextClassifier": TextClassifierAPI,
     "TextRegressor": TextRegressorAPI,
+{%- endif %}
+{%- if cookiecutter.gpt == "yes" %}
+    "GPTModule": functools.partial(PromptAPI, generator=GPTGenerator),
+{%- endif %}
+{%- if cookiecutter.chat == "yes" %}
+    "ChatModel": functools.partial(ChatAPI, generator=ChatGenerator),
 {%- endif %}
     "Classifier": ClassifierAPI,
     "Regressor": RegressorAPI,
