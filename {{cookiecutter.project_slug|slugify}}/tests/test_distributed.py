@@ -7,6 +7,9 @@ pytest). The `probe.Probe` callback leaves a record per process of what it saw.
 """
 
 import json
+{%- if cookiecutter.gpt == "yes" %}
+import math
+{%- endif %}
 import os
 {%- if cookiecutter.cluster == "yes" %}
 import socket
@@ -20,10 +23,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, SMALL, run_train_py{% if cookiecutter.cluster == "yes" %}, write_dataset{% endif %}
+{%- if cookiecutter.gpt == "yes" %}
+from test_gpt import CONFIG as GPT_CHAR
+from test_gpt import TINY, write_text
+{%- endif %}
 from torch._dynamo.utils import counters
 
 from {{ cookiecutter.package_name }}.cli import run
 from {{ cookiecutter.package_name }}.models import Classifier
+{%- if cookiecutter.gpt == "yes" %}
+from {{ cookiecutter.package_name }}.models.lm import GPTModule
+{%- endif %}
 
 TESTS = Path(__file__).resolve().parent
 PRESETS = ROOT / "configs" / "trainer"
@@ -233,6 +243,44 @@ def test_compile_trains_and_matches_the_plain_network(workdir, capsys):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(model(x), model.head(model.backbone(model.normalize(x))), atol=1e-5)
+{%- if cookiecutter.gpt == "yes" %}
+
+
+def plain_gpt(checkpoint: Path) -> GPTModule:
+    """The checkpoint (loaded as plain values) in a GPT built without any strategy: every weight, no extra name."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = GPTModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+    model.configure_model()
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streamed"])
+def test_gpt_ddp_on_two_cpu_processes(workdir, streaming):
+    """The GPT as the classifier above: `--trainer.devices=2`, each process on its own windows of the
+    text (in memory: Lightning's distributed sampler; streamed: litdata's own sharding)."""
+    corpus, steps = write_text(workdir / "zh.txt"), 6
+    train("fit", f"--config={GPT_CHAR}", *TINY, f"--data.path={corpus}", f"--data.streaming={str(streaming).lower()}",
+          "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.max_steps={steps}",
+          f"--trainer.val_check_interval={steps}", "--trainer.callbacks+=probe.Probe", cwd=workdir)  # fmt: skip
+    ranks = probes(workdir)
+    assert [(r["rank"], r["world_size"], r["global_step"]) for r in ranks] == [(0, 2, steps), (1, 2, steps)]
+    assert all(r["modules"].get("DistributedDataParallel") == 1 for r in ranks)
+    first, second = (set(r["trained"]) for r in ranks)
+    assert len(first) == len(second) == steps * 4 and not first & second  # TINY's batch of 4 windows per step
+    # val/loss is the mean over both processes' batches: the same, finite number on both.
+    losses = [r["metrics"]["val/loss"] for r in ranks]
+    assert math.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    run = workdir / "logs" / "gpt_char"
+    files = files_under(run)
+    assert len([f for f in files if "tfevents" in f]) == 1  # written once, by rank 0
+    assert {f for f in files if "tfevents" not in f} == {
+        "version_0/config.yaml", "version_0/hparams.yaml",
+        "version_0/checkpoints/best.ckpt", "version_0/checkpoints/last.ckpt",
+    }  # fmt: skip
+    assert torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    plain_gpt(run / "version_0" / "checkpoints" / "last.ckpt"){%- endif %}
 
 
 # --- on an NVIDIA GPU (pytest -m gpu) ----------------------------------------------------------
