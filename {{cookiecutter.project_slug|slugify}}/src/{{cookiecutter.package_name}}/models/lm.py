@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..errors import UserError
-from .gpt import GPT
+from .gpt import GPT, Block
 
 
 class GPTModule(L.LightningModule):
@@ -46,6 +46,18 @@ class GPTModule(L.LightningModule):
             raise UserError("vocab_size is not set: it comes from the data (configs/gpt_char.yaml, a CorpusDataModule)")
         self.save_hyperparameters()
         self.model: GPT | None = None
+
+    @staticmethod
+    def prepare_run(config) -> None:
+        """Called by the command line before it builds anything: under FSDP (configs/trainer/fsdp.yaml,
+        whose units are the ViT's blocks) each GPT `Block` is the unit of sharding and, unless the preset
+        keeps activations ([]), of activation checkpointing."""
+        strategy = config.trainer.get("strategy")
+        init = getattr(strategy, "init_args", None)
+        if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
+            init.auto_wrap_policy = {Block}
+            if init.get("activation_checkpointing_policy"):
+                init.activation_checkpointing_policy = {Block}
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -86,7 +98,9 @@ class GPTModule(L.LightningModule):
         idx = torch.tensor([tokenizer.encode(prompt, "--model.sample_prompt")], device=self.device)
         was_training = self.model.training
         self.model.eval()
-        new = list(self.model.generate(idx, self.hparams.sample_tokens, 0.8, 50, None, True, generator))
+        # Not compiled: each new token's cache has a new length, which torch.compile would compile again.
+        with torch.compiler.set_stance("force_eager"):
+            new = list(self.model.generate(idx, self.hparams.sample_tokens, 0.8, 50, None, True, generator))
         self.model.train(was_training)
         return prompt + tokenizer.decode(torch.cat(new, 1)[0].tolist())
 
