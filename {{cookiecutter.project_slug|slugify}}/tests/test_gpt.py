@@ -165,12 +165,13 @@ def test_generate_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     assert err.startswith("ERROR: ") and str(other) in err and "not of a GPT" in err
 
 
+@pytest.mark.slow  # compiling on the CPU: about 50 s on 2 busy cores (10 s with inductor's cache warm)
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_compile_trains_as_the_plain_network_and_saves_its_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = write_text(tmp_path / "zh.txt")
     args = ["fit", f"--config={CONFIG}", *TINY, f"--data.path={corpus}", "--trainer.max_steps=6",
-            "--trainer.val_check_interval=6"]  # fmt: skip
+            "--trainer.val_check_interval=6", "--trainer.log_every_n_steps=3"]  # fmt: skip
     plain = run([*args, "--model.compile=false", "--trainer.logger.init_args.version=plain"])
     counters.clear()
     compiled = run([*args, "--model.compile=true", "--trainer.logger.init_args.version=compiled"])
