@@ -85,8 +85,12 @@ class GPTModule(L.LightningModule):
         loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", loss.exp(), sync_dist=True)  # the epoch mean of exp: read val/loss for exp(mean)
+        if batch_idx == 0:
+            # Here, not at the epoch's end: under FSDP a step runs inside the sharded model's forward, where
+            # the weights outside the blocks (embeddings, head) are gathered; after it they are shards again.
+            self.log_sample()
 
-    def on_validation_epoch_end(self) -> None:
+    def log_sample(self) -> None:
         logger = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)  # the data's, through the Trainer
         if logger is None or tokenizer is None or self.trainer.sanity_checking or not self.hparams.sample_tokens:
