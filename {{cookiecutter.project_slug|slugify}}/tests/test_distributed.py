@@ -7,6 +7,9 @@ pytest). The `probe.Probe` callback leaves a record per process of what it saw.
 """
 
 import json
+{%- if cookiecutter.gpt == "yes" %}
+import math
+{%- endif %}
 import os
 {%- if cookiecutter.cluster == "yes" %}
 import socket
@@ -20,10 +23,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, SMALL, run_train_py{% if cookiecutter.cluster == "yes" %}, write_dataset{% endif %}
+{%- if cookiecutter.gpt == "yes" %}
+from test_gpt import CONFIG as GPT_CHAR
+from test_gpt import TINY, write_text
+{%- endif %}
 from torch._dynamo.utils import counters
 
 from {{ cookiecutter.package_name }}.cli import run
 from {{ cookiecutter.package_name }}.models import Classifier
+{%- if cookiecutter.gpt == "yes" %}
+from {{ cookiecutter.package_name }}.models.lm import GPTModule
+{%- endif %}
 
 TESTS = Path(__file__).resolve().parent
 PRESETS = ROOT / "configs" / "trainer"
@@ -233,6 +243,44 @@ def test_compile_trains_and_matches_the_plain_network(workdir, capsys):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(model(x), model.head(model.backbone(model.normalize(x))), atol=1e-5)
+{%- if cookiecutter.gpt == "yes" %}
+
+
+def plain_gpt(checkpoint: Path) -> GPTModule:
+    """The checkpoint (loaded as plain values) in a GPT built without any strategy: every weight, no extra name."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = GPTModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+    model.configure_model()
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streamed"])
+def test_gpt_ddp_on_two_cpu_processes(workdir, streaming):
+    """The GPT as the classifier above: `--trainer.devices=2`, each process on its own windows of the
+    text (in memory: Lightning's distributed sampler; streamed: litdata's own sharding)."""
+    corpus, steps = write_text(workdir / "zh.txt"), 6
+    train("fit", f"--config={GPT_CHAR}", *TINY, f"--data.path={corpus}", f"--data.streaming={str(streaming).lower()}",
+          "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.max_steps={steps}",
+          f"--trainer.val_check_interval={steps}", "--trainer.callbacks+=probe.Probe", cwd=workdir)  # fmt: skip
+    ranks = probes(workdir)
+    assert [(r["rank"], r["world_size"], r["global_step"]) for r in ranks] == [(0, 2, steps), (1, 2, steps)]
+    assert all(r["modules"].get("DistributedDataParallel") == 1 for r in ranks)
+    first, second = (set(r["trained"]) for r in ranks)
+    assert len(first) == len(second) == steps * 4 and not first & second  # TINY's batch of 4 windows per step
+    # val/loss is the mean over both processes' batches: the same, finite number on both.
+    losses = [r["metrics"]["val/loss"] for r in ranks]
+    assert math.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    run = workdir / "logs" / "gpt_char"
+    files = files_under(run)
+    assert len([f for f in files if "tfevents" in f]) == 1  # written once, by rank 0
+    assert {f for f in files if "tfevents" not in f} == {
+        "version_0/config.yaml", "version_0/hparams.yaml",
+        "version_0/checkpoints/best.ckpt", "version_0/checkpoints/last.ckpt",
+    }  # fmt: skip
+    assert torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    plain_gpt(run / "version_0" / "checkpoints" / "last.ckpt"){%- endif %}
 
 
 # --- on an NVIDIA GPU (pytest -m gpu) ----------------------------------------------------------
@@ -294,3 +342,31 @@ def test_compile_on_the_gpu(workdir):
     # The line comes from the hyperparameter; the probe shows the steps really ran the compiled backbone.
     (record,) = probes(workdir)
     assert record["backbone_calls"]["compiled"] > 0 and record["backbone_calls"]["plain"] == 0, record
+{%- if cookiecutter.gpt == "yes" %}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="FSDP needs an NVIDIA GPU: Lightning's FSDPStrategy refuses accelerator=cpu (run pytest -m gpu on a GPU)",
+)
+def test_fsdp_preset_shards_and_checkpoints_each_gpt_block(workdir):
+    """configs/gpt_small.yaml with the FSDP preset, shrunk: the GPT's Block (not the preset's ViT block) is the unit."""
+    corpus, n_layer = write_text(workdir / "zh.txt"), 2
+    result = train(
+        "fit", f"--config={ROOT / 'configs' / 'gpt_small.yaml'}", f"--config={PRESETS / 'fsdp.yaml'}",
+        "--trainer.devices=1", f"--data.path={corpus}", "--data.tokenizer=char", "--data.streaming=false",
+        "--data.num_workers=0", "--data.block_size=32", "--data.batch_size=4", f"--model.n_layer={n_layer}",
+        "--model.n_head=2", "--model.n_embd=32", "--model.compile=false", "--model.warmup_steps=2",
+        "--model.sample_tokens=8", "--trainer.max_steps=4", "--trainer.accumulate_grad_batches=1",
+        "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=probe.Probe", cwd=workdir,
+    )  # fmt: skip
+    assert summary(result.stdout)[0].endswith("; precision bf16-mixed; strategy fsdp")
+    (record,) = probes(workdir)
+    assert record["modules"]["FullyShardedDataParallel"] == n_layer + 1  # one unit per block, one for the rest
+    assert record["modules"]["CheckpointWrapper"] == n_layer
+    checkpoints = workdir / "logs" / "gpt_small" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert all(p.is_file() for p in checkpoints.iterdir())  # whole files, not sharded folders
+    assert plain_gpt(checkpoints / "last.ckpt").model.transformer.h[0].attn.c_attn.weight.shape == (96, 32){%- endif %}

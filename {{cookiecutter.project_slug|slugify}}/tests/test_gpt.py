@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch._dynamo.utils import counters
 
-from {{ cookiecutter.package_name }}.cli import main
+from {{ cookiecutter.package_name }}.cli import main, parsed_config, run
 from {{ cookiecutter.package_name }}.data.corpus import CorpusDataModule
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.generate import main as generate
-from {{ cookiecutter.package_name }}.models.gpt import GPT, sample
+from {{ cookiecutter.package_name }}.models.gpt import GPT, Block, sample
 from {{ cookiecutter.package_name }}.models.lm import GPTModule
 
 CONFIG = ROOT / "configs" / "gpt_char.yaml"
@@ -162,3 +163,41 @@ def test_generate_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
         generate(["--ckpt_path", str(other)])
     err = capsys.readouterr().err.strip()
     assert err.startswith("ERROR: ") and str(other) in err and "not of a GPT" in err
+
+
+@pytest.mark.slow  # compiling on the CPU: about 50 s on 2 busy cores (10 s with inductor's cache warm)
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_compile_trains_as_the_plain_network_and_saves_its_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = write_text(tmp_path / "zh.txt")
+    args = ["fit", f"--config={CONFIG}", *TINY, f"--data.path={corpus}", "--trainer.max_steps=6",
+            "--trainer.val_check_interval=6", "--trainer.log_every_n_steps=3"]  # fmt: skip
+    plain = run([*args, "--model.compile=false", "--trainer.logger.init_args.version=plain"])
+    counters.clear()
+    compiled = run([*args, "--model.compile=true", "--trainer.logger.init_args.version=compiled"])
+    assert counters["stats"]["unique_graphs"] >= 1  # the steps ran through torch.compile
+    for name in ("train/loss", "val/loss"):  # the same arithmetic, up to the order of float operations
+        torch.testing.assert_close(
+            compiled.trainer.callback_metrics[name], plain.trainer.callback_metrics[name], rtol=1e-4, atol=1e-4
+        )
+    # The checkpoint holds the plain network's names (no _orig_mod.): it loads into an uncompiled GPT.
+    runs = tmp_path / "logs" / "gpt_char"
+    saved = {v: torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True) for v in ("plain", "compiled")}
+    assert saved["compiled"]["state_dict"].keys() == saved["plain"]["state_dict"].keys()
+    hparams = {k: v for k, v in saved["compiled"]["hyper_parameters"].items() if not k.startswith("_")}
+    model = GPTModule(**{**hparams, "compile": False})
+    model.configure_model()
+    model.load_state_dict(saved["compiled"]["state_dict"])
+    for name, value in saved["plain"]["state_dict"].items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+
+
+def test_the_fsdp_preset_shards_and_checkpoints_gpt_blocks(tmp_path):
+    """The preset names the ViT's block; the GPT puts its own in its place (the run itself needs a GPU:
+    test_distributed.py, pytest -m gpu)."""
+    configs = ROOT / "configs"
+    config = parsed_config(["fit", f"--config={configs / 'gpt_small.yaml'}",
+                            f"--config={configs / 'trainer' / 'fsdp.yaml'}", f"--data.path={tmp_path}"])  # fmt: skip
+    GPTModule.prepare_run(config)
+    policies = config.trainer.strategy.init_args
+    assert policies.auto_wrap_policy == policies.activation_checkpointing_policy == {Block}

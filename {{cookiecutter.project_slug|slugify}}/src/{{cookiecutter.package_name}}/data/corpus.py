@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,14 @@ def pieces(files: list[Path], size: int = PIECE_BYTES):
                 offset, rest = offset + cut, data[cut:]
             if rest:
                 yield file, offset, read_utf8(rest, file, offset)
+
+
+def char_start(file: str, at: int) -> int:
+    """The first offset from `at` on where a UTF-8 character starts (not a continuation byte 0b10xxxxxx)."""
+    with open(file, "rb") as f:
+        f.seek(at)
+        head = f.read(4)
+    return at + next((i for i, b in enumerate(head) if b & 0xC0 != 0x80), len(head))
 
 
 def atomic_write(path: Path, write) -> None:
@@ -260,8 +269,8 @@ class CorpusDataModule(InMemoryDataModule):
             self.ids = {"train": ids[:cut], "val": ids[cut:]}
 
     def streamed_dirs(self) -> dict[str, str]:
-        """The litdata chunk folders of the train and val splits, written once. The split is by
-        whole pieces of text: validation is about the last `val_fraction` of the bytes."""
+        """The litdata chunk folders of the train and val splits, written once. Validation is the
+        last `val_fraction` of the bytes (the piece of text across the boundary is cut at a character)."""
         import litdata
 
         root = self.stream_dir or str(self.cache / f"stream-{self.key}-{self.block_size}")
@@ -272,18 +281,25 @@ class CorpusDataModule(InMemoryDataModule):
         total, start, split = sum(p[2] for p in parts), 0, {"train": [], "val": []}
         if total == 0:
             raise UserError(f"--data.path={self.path}: the corpus is empty; give a file with text in it")
-        for part in parts:
-            split["val" if split["train"] and start >= total * (1 - self.val_fraction) else "train"].append(part)
-            start += part[2]
-        if not split["val"]:  # one piece: cut it at the byte
-            file, offset, length = split["train"].pop()
-            cut = length - int(length * self.val_fraction)
-            split = {"train": [(file, offset, cut)], "val": [(file, offset + cut, length - cut)]}
+        boundary = total - int(total * self.val_fraction)
+        for file, offset, length in parts:
+            cut = min(max(boundary - start, 0), length)  # this piece's bytes before the boundary
+            if 0 < cut < length:
+                cut = char_start(file, offset + cut) - offset
+            split["train"] += [(file, offset, cut)] if cut else []
+            split["val"] += [(file, offset + cut, length - cut)] if cut < length else []
+            start += length
+        if not split["train"] or not split["val"]:
+            raise UserError(f"--data.path={self.path}: {total} bytes, too few to hold out a validation part; add text")
         tmp = Path(f"{root}.tmp-{os.getpid()}")
+        # A forked worker starts at once; a spawned one (litdata's default) imports torch and Lightning
+        # again, seconds per split. Fork only on Linux (as DataLoader's workers): macOS's is unsafe.
+        start = "fork" if sys.platform == "linux" else None
         for name, inputs in split.items():
             litdata.optimize(fn=functools.partial(tokenize_piece, spec=self.tokenizer.spec), inputs=inputs,
                              output_dir=str(tmp / name), chunk_size=(self.block_size + 1) * 1024,
-                             item_loader=litdata.TokensLoader(), num_workers=1, verbose=False)  # fmt: skip
+                             item_loader=litdata.TokensLoader(), num_workers=1, verbose=False,
+                             start_method=start)  # fmt: skip
         atomic_write(Path(root), tmp.rename)
         return dirs
 

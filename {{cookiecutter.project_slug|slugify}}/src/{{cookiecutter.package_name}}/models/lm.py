@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..errors import UserError
-from .gpt import GPT
+from .gpt import GPT, Block
 
 
 class GPTModule(L.LightningModule):
@@ -47,6 +47,18 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters()
         self.model: GPT | None = None
 
+    @staticmethod
+    def prepare_run(config) -> None:
+        """Called by the command line before it builds anything: under FSDP (configs/trainer/fsdp.yaml,
+        whose units are the ViT's blocks) each GPT `Block` is the unit of sharding and, unless the preset
+        keeps activations ([]), of activation checkpointing."""
+        strategy = config.trainer.get("strategy")
+        init = getattr(strategy, "init_args", None)
+        if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
+            init.auto_wrap_policy = {Block}
+            if init.get("activation_checkpointing_policy"):
+                init.activation_checkpointing_policy = {Block}
+
     def configure_model(self) -> None:
         if self.model is None:
             h = self.hparams
@@ -63,15 +75,22 @@ class GPTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # Only on the steps the logger writes, as the classifier: a `self.log` costs Lightning about half a
+        # millisecond, a per cent of gpt_char's step on a CPU (benchmarks/gpt.py).
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", loss.exp(), sync_dist=True)  # the epoch mean of exp: read val/loss for exp(mean)
+        if batch_idx == 0:
+            # Here, not at the epoch's end: under FSDP a step runs inside the sharded model's forward, where
+            # the weights outside the blocks (embeddings, head) are gathered; after it they are shards again.
+            self.log_sample()
 
-    def on_validation_epoch_end(self) -> None:
+    def log_sample(self) -> None:
         logger = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)  # the data's, through the Trainer
         if logger is None or tokenizer is None or self.trainer.sanity_checking or not self.hparams.sample_tokens:
@@ -86,7 +105,9 @@ class GPTModule(L.LightningModule):
         idx = torch.tensor([tokenizer.encode(prompt, "--model.sample_prompt")], device=self.device)
         was_training = self.model.training
         self.model.eval()
-        new = list(self.model.generate(idx, self.hparams.sample_tokens, 0.8, 50, None, True, generator))
+        # Not compiled: each new token's cache has a new length, which torch.compile would compile again.
+        with torch.compiler.set_stance("force_eager"):
+            new = list(self.model.generate(idx, self.hparams.sample_tokens, 0.8, 50, None, True, generator))
         self.model.train(was_training)
         return prompt + tokenizer.decode(torch.cat(new, 1)[0].tolist())
 
