@@ -26,7 +26,7 @@ PARTS = {
         f"{PKG}/export.py", f"{PKG}/text_export.py",
         "tests/test_export.py", "tests/test_deploy.py",
     ],
-    "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
+    "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml", "tests/test_cluster.py"],
     "doctor": [f"{PKG}/doctor.py", "tests/test_doctor.py"],
     "gpt": [
         f"{PKG}/models/gpt.py", f"{PKG}/models/lm.py", f"{PKG}/data/corpus.py", f"{PKG}/generate.py",

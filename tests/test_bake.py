@@ -115,6 +115,7 @@ EXPECTED_FILES = [
     "tests/test_chat_data.py",
     "tests/test_chat_smollm2.py",
     "tests/test_cli.py",
+    "tests/test_cluster.py",
     "tests/test_crash_safety.py",
     "tests/test_custom_data.py",
     "tests/test_dataset_table.py",
@@ -169,7 +170,7 @@ PART_FILES = {
         "tests/test_search.py",
     ],
     "export": ["src/{pkg}/export.py", "src/{pkg}/text_export.py", "tests/test_export.py", "tests/test_deploy.py"],
-    "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml"],
+    "cluster": ["scripts/slurm.sbatch", "configs/trainer/multinode.yaml", "tests/test_cluster.py"],
     "doctor": ["src/{pkg}/doctor.py", "tests/test_doctor.py"],
     "gpt": [
         "src/{pkg}/models/gpt.py", "src/{pkg}/models/lm.py", "src/{pkg}/data/corpus.py", "src/{pkg}/generate.py",

@@ -49,6 +49,13 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def probe_importable(monkeypatch):
+    """Put tests/ on the path of every process train.py starts, for the `probe.Probe` callback."""
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+
+
 # Options that keep a CLI run small and quiet on the synthetic MNIST above (named explicitly:
 # the default config may train on another data set). A later --config can still change the data.
 SMALL = [

@@ -10,20 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-{%- if cookiecutter.cluster == "yes" %}
-from types import SimpleNamespace
-{%- endif %}
 
 import pytest
 import torch
 from conftest import ROOT, SMALL, run_train_py
-{%- if cookiecutter.cluster == "yes" %}
-from lightning.fabric.plugins.environments import SLURMEnvironment
-{%- endif %}
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from {{ cookiecutter.package_name }}.checkpointing import AtomicCheckpointIO{% if cookiecutter.cluster == "yes" %}, LastCheckpoint{% endif %}
+from {{ cookiecutter.package_name }}.checkpointing import AtomicCheckpointIO
 from {{ cookiecutter.package_name }}.cli import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -245,109 +239,4 @@ def test_ten_sigkills_at_random_moments_then_resume_give_the_reference_weights(t
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "10 kills, 0 failures" in result.stdout
-    assert "weights equal the reference" in result.stdout{%- if cookiecutter.cluster == "yes" %}
-
-
-SLURM_OPTIONS = ["--config=configs/digits_mlp.yaml", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
-                 "--trainer.strategy=auto", *SMALL, "--trainer.limit_train_batches=2",
-                 "--trainer.limit_val_batches=1"]  # fmt: skip
-
-
-def fake_slurm(workdir: Path) -> None:
-    """bin/srun runs the task here as rank 0 (and notes its pid); bin/scontrol records its arguments
-    and, for `requeue`, stops the job with SIGTERM, as SLURM does before starting it again."""
-    fake = workdir / "bin"
-    fake.mkdir()
-    ranks = "SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0"
-    (fake / "srun").write_text(f'#!/bin/sh\necho $$ > srun.pid\n{ranks} exec "$@"\n')
-    requeue = '[ "$1" = requeue ] && kill -TERM $PPID'  # $PPID: the training process that called it
-    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> scontrol.log\n{requeue}\nexit 0\n')
-    for tool in ("srun", "scontrol"):
-        (fake / tool).chmod(0o755)
-    (workdir / "configs").symlink_to(ROOT / "configs")
-    (workdir / "train.py").symlink_to(ROOT / "train.py")
-
-
-def slurm_job(workdir: Path, job_id: str, *options: str) -> subprocess.Popen:
-    """scripts/slurm.sbatch as SLURM would start it for job `job_id`, with the fakes above on PATH."""
-    pythonpath = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    slurm = {"SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "test", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
-             "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1"}  # fmt: skip
-    path = os.pathsep.join([str(workdir / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]])
-    env = {**os.environ, **slurm, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONPATH": pythonpath, "PATH": path}
-    # A session of its own: a job that does not end is killed whole (bash and train.py) by `finished`.
-    return subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm.sbatch"), *SLURM_OPTIONS, *options], cwd=workdir,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-
-
-def finished(job: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
-    try:
-        out, err = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        out, err = job.communicate()
-        pytest.fail(f"the job did not end within {timeout} s:\n{out[-2000:]}{err[-2000:]}")
-    assert job.returncode == 0, out[-2000:] + err[-2000:]
-    return out, err
-
-
-def test_under_slurm_sigusr1_runs_lightnings_requeue_at_the_end_of_the_step():
-    """SLURM's warning signal is only noted when it comes: Lightning's handler (which closes the
-    loggers, saves hpc_ckpt and requeues) then runs between two steps, never inside a log write."""
-    lightning_handler = []  # stands in for Lightning's SLURM SIGUSR1 handler
-    before = signal.signal(signal.SIGUSR1, lambda number, frame: lightning_handler.append(number))
-    callback = LastCheckpoint()
-    trainer = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=True)))
-    try:
-        callback.on_train_start(trainer, None)
-        signal.raise_signal(signal.SIGUSR1)
-        assert lightning_handler == [] and callback.stopped_by is None
-        callback.requeue_if_asked()  # what on_train_batch_end does first
-        callback.requeue_if_asked()
-        assert lightning_handler == [signal.SIGUSR1]
-    finally:
-        callback.teardown(trainer, None, "fit")
-        signal.signal(signal.SIGUSR1, before)
-
-
-@pytest.mark.slow
-def test_a_requeued_slurm_job_continues_in_its_own_folder(workdir):
-    """scripts/slurm.sbatch run twice with the same job id (a requeue): the second run resumes
-    last.ckpt of logs/<name>/slurm-<id>/ and logs there; another job id starts from scratch."""
-    fake_slurm(workdir)
-    for job_id, epochs, steps in (("7", 1, 2), ("7", 2, 4), ("8", 1, 2)):
-        finished(slurm_job(workdir, job_id, f"--trainer.max_epochs={epochs}"))
-        last = workdir / RUNS / f"slurm-{job_id}" / "checkpoints" / "last.ckpt"
-        assert torch.load(last, weights_only=True)["global_step"] == steps, (job_id, epochs)
-    assert sorted(p.name for p in (workdir / RUNS).iterdir()) == ["slurm-7", "slurm-8"]
-
-
-@pytest.mark.slow
-def test_slurm_preemption_saves_requeues_and_the_requeued_job_resumes(workdir):
-    """SLURM's warning signal (SIGUSR1, --signal in the script): Lightning saves hpc_ckpt_1.ckpt and
-    calls `scontrol requeue <job id>`; SLURM's SIGTERM then makes the run save last.ckpt and exit 0;
-    the requeued job (same id) resumes from that last.ckpt."""
-    fake_slurm(workdir)
-    job = slurm_job(workdir, "9", "--trainer.max_epochs=100000")
-    last = workdir / RUNS / "slurm-9" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # the first epoch is done: training is under way
-    if job.poll() is not None or not last.exists():
-        finished(job, timeout=1)
-        pytest.fail("the job ended or did not train an epoch")
-    os.kill(int((workdir / "srun.pid").read_text()), signal.SIGUSR1)
-    out, err = finished(job, timeout=120)
-    assert (workdir / "scontrol.log").read_text().splitlines() == ["requeue 9"]
-    (hpc,) = workdir.glob("hpc_ckpt_*.ckpt")
-    saved = torch.load(last, weights_only=True)
-    assert 2 <= torch.load(hpc, weights_only=True)["global_step"] <= saved["global_step"]
-    assert saved["global_step"] < 2 * 100000 and "Received SIGTERM: saved" in out, out[-2000:]
-
-    epochs = saved["epoch"] + 2
-    out, err = finished(slurm_job(workdir, "9", f"--trainer.max_epochs={epochs}"))
-    resumed_from = f"Restoring states from the checkpoint path at {last.relative_to(workdir)}"
-    assert resumed_from in out + err, (out + err)[-3000:]
-    assert torch.load(last, weights_only=True)["global_step"] == 2 * epochs
-    assert sorted(p.name for p in (workdir / RUNS).iterdir()) == ["slurm-9"]{%- endif %}
+    assert "weights equal the reference" in result.stdout

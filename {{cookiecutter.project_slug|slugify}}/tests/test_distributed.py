@@ -1,4 +1,5 @@
-"""Several processes, as `python train.py`{% if cookiecutter.cluster == "yes" %} (or torchrun, or SLURM's srun){% endif %} starts them.
+"""Several processes, as `python train.py` starts them
+(torchrun and SLURM: tests/test_cluster.py, with the cluster part).
 
 Lightning's DDP launcher starts the other processes by running the same command line
 again, so these tests run train.py in subprocesses (from inside pytest it would re-run
@@ -7,45 +8,22 @@ pytest). The `probe.Probe` callback leaves a record per process of what it saw.
 """
 
 import json
-{%- if cookiecutter.gpt == "yes" %}
-import math
-{%- endif %}
-import os
-{%- if cookiecutter.cluster == "yes" %}
-import socket
-{%- endif %}
 import subprocess
-{%- if cookiecutter.cluster == "yes" %}
-import sys
-{%- endif %}
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, run_train_py{% if cookiecutter.cluster == "yes" %}, write_dataset{% endif %}
-{%- if cookiecutter.gpt == "yes" %}
-from test_gpt import CONFIG as GPT_CHAR
-from test_gpt import TINY, write_text
-{%- endif %}
+from conftest import ROOT, SMALL, run_train_py
 from torch._dynamo.utils import counters
 
 from {{ cookiecutter.package_name }}.cli import run
 from {{ cookiecutter.package_name }}.models import Classifier
-{%- if cookiecutter.gpt == "yes" %}
-from {{ cookiecutter.package_name }}.models.lm import GPTModule
-{%- endif %}
 
-TESTS = Path(__file__).resolve().parent
 PRESETS = ROOT / "configs" / "trainer"
 CPU = ["--trainer.accelerator=cpu", *SMALL, "--trainer.callbacks+=probe.Probe"]
 TRAIN_SAMPLES, VAL_SAMPLES = 500, 100  # conftest's 600 training images, 100 of them held out
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-
-
-@pytest.fixture(autouse=True)
-def probe_importable(monkeypatch):
-    """Put tests/ on the path of every process train.py starts, for `probe.Probe`."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+pytestmark = pytest.mark.usefixtures("probe_importable")
 
 
 def train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -139,92 +117,7 @@ def test_ddp_preset_on_two_cpu_processes(workdir):
     ranks = probes(workdir)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["optimizer_steps"] for r in ranks] == [1, 1]
     first, second = (set(r["trained"]) for r in ranks)
-    assert len(first) == len(second) == 128 and not first & second{%- if cookiecutter.cluster == "yes" %}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_nodes_with_torchrun(tmp_path):
-    """Two 'machines' of one process each, on this one: two torchrun launches, separate folders."""
-    nodes = [tmp_path / "node0", tmp_path / "node1"]
-    for node in nodes:
-        write_dataset(node / "data" / "mnist")  # every machine has its own copy of the data
-    port = free_port()
-    env = {**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ["PYTHONPATH"]])}  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
-    train_py = [str(ROOT / "train.py"), "fit", f"--config={PRESETS / 'multinode.yaml'}", "--trainer.max_epochs=1", *CPU]
-    launches = [
-        subprocess.Popen(
-            [*torchrun, f"--node_rank={rank}", *train_py],
-            cwd=node,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank, node in enumerate(nodes)
-    ]
-    outputs = []
-    try:
-        for launch in launches:
-            outputs.append(launch.communicate(timeout=120))
-    finally:
-        for launch in launches:
-            launch.kill()
-    for launch, (out, err) in zip(launches, outputs):
-        assert launch.returncode == 0, out[-3000:] + err[-3000:]
-    assert summary(outputs[0][0]) == [
-        "Effective batch size 128 = 64 per device x 1 accumulation x 1 device x 2 nodes; precision 32-true; "
-        "strategy ddp"
-    ]
-    assert summary(outputs[1][0]) == []
-
-    ranks = [*probes(nodes[0]), *probes(nodes[1])]
-    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
-    assert {r["cluster_environment"] for r in ranks} == {"TorchElasticEnvironment"}
-    check_shards_and_reduced_metrics(ranks)
-    # Node 0 wrote the logs and checkpoints; node 1 wrote nothing but its probe record.
-    assert {"logs/digits_mlp/version_0/checkpoints/last.ckpt", "logs/digits_mlp/version_0/config.yaml"} <= set(
-        files_under(nodes[0])
-    )
-    assert [f for f in files_under(nodes[1]) if not f.startswith("data/")] == ["probe/fit-rank1.json"]
-
-
-@pytest.mark.slow
-def test_slurm_script_starts_train_py_under_srun(workdir):
-    """scripts/slurm.sbatch as SLURM would run it, on one 'node' with one task: srun is faked,
-    SLURM's variables are set, and Lightning must recognise the SLURM cluster."""
-    fake = workdir / "bin"
-    fake.mkdir()
-    # srun starts the command once per task, with the task's ids in its environment.
-    (fake / "srun").write_text('#!/bin/sh\nSLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 exec "$@"\n')
-    (fake / "srun").chmod(0o755)
-    (workdir / "configs").symlink_to(ROOT / "configs")  # the script is run from the project folder
-    (workdir / "train.py").symlink_to(ROOT / "train.py")
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "test", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
-             "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1"}  # fmt: skip
-    env = {**os.environ, **slurm, "JSONARGPARSE_DEPRECATION_WARNINGS": "off",
-           "PATH": os.pathsep.join([str(fake), str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ["PYTHONPATH"]])}  # fmt: skip
-    options = ["--config=configs/mnist_cnn.yaml", "--trainer.precision=32-true", "--trainer.max_epochs=1",
-               "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", *CPU]  # fmt: skip
-    script = ROOT / "scripts" / "slurm.sbatch"
-    result = subprocess.run(
-        ["bash", str(script), *options], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (record,) = probes(workdir)
-    assert record["cluster_environment"] == "SLURMEnvironment"
-    assert record["optimizer_steps"] == 2
-    # The run logs into a folder named after the job, which a requeued job (same id) continues.
-    assert (workdir / "logs" / "mnist_cnn" / "slurm-4242" / "checkpoints" / "last.ckpt").is_file(){%- endif %}
+    assert len(first) == len(second) == 128 and not first & second
 
 
 @pytest.mark.slow
@@ -243,44 +136,6 @@ def test_compile_trains_and_matches_the_plain_network(workdir, capsys):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(model(x), model.head(model.backbone(model.normalize(x))), atol=1e-5)
-{%- if cookiecutter.gpt == "yes" %}
-
-
-def plain_gpt(checkpoint: Path) -> GPTModule:
-    """The checkpoint (loaded as plain values) in a GPT built without any strategy: every weight, no extra name."""
-    ckpt = torch.load(checkpoint, weights_only=True)
-    model = GPTModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
-    model.configure_model()
-    model.load_state_dict(ckpt["state_dict"])
-    return model
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streamed"])
-def test_gpt_ddp_on_two_cpu_processes(workdir, streaming):
-    """The GPT as the classifier above: `--trainer.devices=2`, each process on its own windows of the
-    text (in memory: Lightning's distributed sampler; streamed: litdata's own sharding)."""
-    corpus, steps = write_text(workdir / "zh.txt"), 6
-    train("fit", f"--config={GPT_CHAR}", *TINY, f"--data.path={corpus}", f"--data.streaming={str(streaming).lower()}",
-          "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.max_steps={steps}",
-          f"--trainer.val_check_interval={steps}", "--trainer.callbacks+=probe.Probe", cwd=workdir)  # fmt: skip
-    ranks = probes(workdir)
-    assert [(r["rank"], r["world_size"], r["global_step"]) for r in ranks] == [(0, 2, steps), (1, 2, steps)]
-    assert all(r["modules"].get("DistributedDataParallel") == 1 for r in ranks)
-    first, second = (set(r["trained"]) for r in ranks)
-    assert len(first) == len(second) == steps * 4 and not first & second  # TINY's batch of 4 windows per step
-    # val/loss is the mean over both processes' batches: the same, finite number on both.
-    losses = [r["metrics"]["val/loss"] for r in ranks]
-    assert math.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], abs=1e-6)
-    run = workdir / "logs" / "gpt_char"
-    files = files_under(run)
-    assert len([f for f in files if "tfevents" in f]) == 1  # written once, by rank 0
-    assert {f for f in files if "tfevents" not in f} == {
-        "version_0/config.yaml", "version_0/hparams.yaml",
-        "version_0/checkpoints/best.ckpt", "version_0/checkpoints/last.ckpt",
-    }  # fmt: skip
-    assert torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
-    plain_gpt(run / "version_0" / "checkpoints" / "last.ckpt"){%- endif %}
 
 
 # --- on an NVIDIA GPU (pytest -m gpu) ----------------------------------------------------------
@@ -342,31 +197,3 @@ def test_compile_on_the_gpu(workdir):
     # The line comes from the hyperparameter; the probe shows the steps really ran the compiled backbone.
     (record,) = probes(workdir)
     assert record["backbone_calls"]["compiled"] > 0 and record["backbone_calls"]["plain"] == 0, record
-{%- if cookiecutter.gpt == "yes" %}
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="FSDP needs an NVIDIA GPU: Lightning's FSDPStrategy refuses accelerator=cpu (run pytest -m gpu on a GPU)",
-)
-def test_fsdp_preset_shards_and_checkpoints_each_gpt_block(workdir):
-    """configs/gpt_small.yaml with the FSDP preset, shrunk: the GPT's Block (not the preset's ViT block) is the unit."""
-    corpus, n_layer = write_text(workdir / "zh.txt"), 2
-    result = train(
-        "fit", f"--config={ROOT / 'configs' / 'gpt_small.yaml'}", f"--config={PRESETS / 'fsdp.yaml'}",
-        "--trainer.devices=1", f"--data.path={corpus}", "--data.tokenizer=char", "--data.streaming=false",
-        "--data.num_workers=0", "--data.block_size=32", "--data.batch_size=4", f"--model.n_layer={n_layer}",
-        "--model.n_head=2", "--model.n_embd=32", "--model.compile=false", "--model.warmup_steps=2",
-        "--model.sample_tokens=8", "--trainer.max_steps=4", "--trainer.accumulate_grad_batches=1",
-        "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=probe.Probe", cwd=workdir,
-    )  # fmt: skip
-    assert summary(result.stdout)[0].endswith("; precision bf16-mixed; strategy fsdp")
-    (record,) = probes(workdir)
-    assert record["modules"]["FullyShardedDataParallel"] == n_layer + 1  # one unit per block, one for the rest
-    assert record["modules"]["CheckpointWrapper"] == n_layer
-    checkpoints = workdir / "logs" / "gpt_small" / "version_0" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert all(p.is_file() for p in checkpoints.iterdir())  # whole files, not sharded folders
-    assert plain_gpt(checkpoints / "last.ckpt").model.transformer.h[0].attn.c_attn.weight.shape == (96, 32){%- endif %}

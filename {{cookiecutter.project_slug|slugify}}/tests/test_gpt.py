@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_distributed import PRESETS, probes, summary, train
 from torch._dynamo.utils import counters
 
 from {{ cookiecutter.package_name }}.cli import main, parsed_config, run
@@ -201,3 +202,40 @@ def test_the_fsdp_preset_shards_and_checkpoints_gpt_blocks(tmp_path):
     GPTModule.prepare_run(config)
     policies = config.trainer.strategy.init_args
     assert policies.auto_wrap_policy == policies.activation_checkpointing_policy == {Block}
+
+
+def plain_gpt(checkpoint: Path) -> GPTModule:
+    """The checkpoint (loaded as plain values) in a GPT built without any strategy: every weight, no extra name."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = GPTModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+    model.configure_model()
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("probe_importable")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="FSDP needs an NVIDIA GPU: Lightning's FSDPStrategy refuses accelerator=cpu (run pytest -m gpu on a GPU)",
+)
+def test_fsdp_preset_shards_and_checkpoints_each_gpt_block(workdir):
+    """configs/gpt_small.yaml with the FSDP preset, shrunk: the GPT's Block (not the preset's ViT block) is the unit."""
+    corpus, n_layer = write_text(workdir / "zh.txt"), 2
+    result = train(
+        "fit", f"--config={ROOT / 'configs' / 'gpt_small.yaml'}", f"--config={PRESETS / 'fsdp.yaml'}",
+        "--trainer.devices=1", f"--data.path={corpus}", "--data.tokenizer=char", "--data.streaming=false",
+        "--data.num_workers=0", "--data.block_size=32", "--data.batch_size=4", f"--model.n_layer={n_layer}",
+        "--model.n_head=2", "--model.n_embd=32", "--model.compile=false", "--model.warmup_steps=2",
+        "--model.sample_tokens=8", "--trainer.max_steps=4", "--trainer.accumulate_grad_batches=1",
+        "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=probe.Probe", cwd=workdir,
+    )  # fmt: skip
+    assert summary(result.stdout)[0].endswith("; precision bf16-mixed; strategy fsdp")
+    (record,) = probes(workdir)
+    assert record["modules"]["FullyShardedDataParallel"] == n_layer + 1  # one unit per block, one for the rest
+    assert record["modules"]["CheckpointWrapper"] == n_layer
+    checkpoints = workdir / "logs" / "gpt_small" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert all(p.is_file() for p in checkpoints.iterdir())  # whole files, not sharded folders
+    assert plain_gpt(checkpoints / "last.ckpt").model.transformer.h[0].attn.c_attn.weight.shape == (96, 32)

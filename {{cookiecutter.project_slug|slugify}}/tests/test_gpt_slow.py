@@ -1,5 +1,6 @@
 """The GPT part, slow tier: `kill -9` during `fit`, then `--ckpt_path=last`, ends with the weights
-of an uninterrupted run (corpus in memory, and streamed with litdata); a real corpus trains.
+of an uninterrupted run (corpus in memory, and streamed with litdata); a real corpus trains; DDP on
+two CPU processes.
 
 The real corpus is Debian's `fortunes` (about 14,000 English quotations), unpacked without root:
     apt-get download fortunes && dpkg -x fortunes_*.deb ~/debian && export DEBIAN_FILES=~/debian
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-from test_gpt import CONFIG, TINY, write_text
+from test_distributed import files_under, probes, train
+from test_gpt import CONFIG, TINY, plain_gpt, write_text
 
 from {{ cookiecutter.package_name }}.cli import main
 
@@ -101,3 +103,31 @@ def test_a_real_corpus_trains_well_below_uniform_guessing(tmp_path, monkeypatch,
     vocab = best["hyper_parameters"]["vocab_size"]
     loss = best["callbacks"][next(k for k in best["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]
     assert 60 < vocab < 200 and float(loss) < 0.7 * math.log(vocab), (vocab, float(loss))
+
+
+@pytest.mark.usefixtures("probe_importable")
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streamed"])
+def test_gpt_ddp_on_two_cpu_processes(workdir, streaming):
+    """The GPT as the classifier above: `--trainer.devices=2`, each process on its own windows of the
+    text (in memory: Lightning's distributed sampler; streamed: litdata's own sharding)."""
+    corpus, steps = write_text(workdir / "zh.txt"), 6
+    train("fit", f"--config={CONFIG}", *TINY, f"--data.path={corpus}", f"--data.streaming={str(streaming).lower()}",
+          "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.max_steps={steps}",
+          f"--trainer.val_check_interval={steps}", "--trainer.callbacks+=probe.Probe", cwd=workdir)  # fmt: skip
+    ranks = probes(workdir)
+    assert [(r["rank"], r["world_size"], r["global_step"]) for r in ranks] == [(0, 2, steps), (1, 2, steps)]
+    assert all(r["modules"].get("DistributedDataParallel") == 1 for r in ranks)
+    first, second = (set(r["trained"]) for r in ranks)
+    assert len(first) == len(second) == steps * 4 and not first & second  # TINY's batch of 4 windows per step
+    # val/loss is the mean over both processes' batches: the same, finite number on both.
+    losses = [r["metrics"]["val/loss"] for r in ranks]
+    assert math.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    run = workdir / "logs" / "gpt_char"
+    files = files_under(run)
+    assert len([f for f in files if "tfevents" in f]) == 1  # written once, by rank 0
+    assert {f for f in files if "tfevents" not in f} == {
+        "version_0/config.yaml", "version_0/hparams.yaml",
+        "version_0/checkpoints/best.ckpt", "version_0/checkpoints/last.ckpt",
+    }  # fmt: skip
+    assert torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    plain_gpt(run / "version_0" / "checkpoints" / "last.ckpt")
