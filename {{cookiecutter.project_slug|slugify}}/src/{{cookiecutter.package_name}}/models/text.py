@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..pretrained import encoder_skeleton, load_encoder, transformers
+from ..pretrained import load_encoder, shard_by_layer, transformers
 from .finetune import FineTuner, is_adapter
 
 # Lightning lists every pretrained weight a small checkpoint leaves out; on_load_checkpoint
@@ -55,16 +55,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
         return hidden[:, 0]
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
-
-
-def layer_class(encoder: nn.Module) -> type[nn.Module]:
-    """The class of the encoder's transformer layers: the members of its longest ModuleList of
-    modules of one class (BertLayer, RobertaLayer, ...). FSDP shards and gathers one at a time."""
-    stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    stacks = [m for m in stacks if len({type(layer) for layer in m}) == 1]
-    if not stacks:
-        raise UserError(f"{type(encoder).__name__}: no stack of transformer layers found to shard with FSDP")
-    return type(max(stacks, key=len)[0])
 
 
 class TextClassifier(FineTuner):
@@ -140,14 +130,7 @@ class TextClassifier(FineTuner):
         model, data = config.model.init_args, config.data.get("init_args")
         if data is not None and "tokenizer" in data and not data.tokenizer:
             data.tokenizer = model.model_name_or_path
-        strategy = config.trainer.get("strategy")
-        init = getattr(strategy, "init_args", None)
-        if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
-            layer = layer_class(encoder_skeleton(model.model_name_or_path))
-            init.auto_wrap_policy = {layer}
-            if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
-                init.activation_checkpointing_policy = {layer}
-            init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
+        shard_by_layer(config, model.model_name_or_path)
 
     def build_network(self, network=None):
         h = self.hparams
