@@ -258,6 +258,58 @@ def test_fsdp_preset_fine_tunes_with_lora_one_unit_per_decoder_layer(tiny, chats
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)  # whole adapters, no FSDP prefixes
 
 
+{%- if cookiecutter.gpt == "yes" %}
+
+
+def test_from_zero_a_gpt_of_this_project_becomes_a_chat_model(tiny, chats, capsys):
+    """A GPT trained here on characters (gpt_char.yaml) -> gpt_to_hf -> a Hugging Face folder with the GPT's
+    logits and token ids plus an EOS -> SFT of all weights learns the conversations -> it answers and exports."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from {{ cookiecutter.package_name }}.chat_export import main as export_main
+    from {{ cookiecutter.package_name }}.chat_generate import main as chat_main
+    from {{ cookiecutter.package_name }}.data.corpus import Tokenizer
+    from {{ cookiecutter.package_name }}.gpt_to_hf import main as convert
+
+    corpus = Path("corpus.txt")
+    corpus.write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in CONVERSATIONS * 20), encoding="utf-8")
+    run_cli(
+        "fit", "--config", str(ROOT / "configs" / "gpt_char.yaml"), f"--data.path={corpus}", "--data.block_size=192",
+        "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.sample_tokens=0",
+        "--trainer.max_steps=8", "--trainer.val_check_interval=8", "--trainer.limit_val_batches=1", *QUIET,
+    )  # fmt: skip
+    gpt = Path("logs/gpt_char/version_0/checkpoints/last.ckpt")
+    line = last_error(capsys, "fit", *sft("sft_full.yaml", gpt, chats))  # the checkpoint itself: not a folder
+    assert line.startswith(f"ERROR: --model.model_name_or_path={gpt}: a checkpoint, not a Hugging Face model folder")
+    assert f"gpt_to_hf --ckpt_path {gpt} --output" in line
+    assert convert(["--ckpt_path", str(gpt), "--output", "my-gpt"]) == 0
+    assert "max |logit difference| vs the checkpoint" in capsys.readouterr().out
+    own = Tokenizer(torch.load(gpt, weights_only=True)["hyper_parameters"]["vocab"])
+    tokenizer = AutoTokenizer.from_pretrained("my-gpt")
+    text = "Say hello. 你好！"
+    assert tokenizer(text)["input_ids"] == own.encode(text) and tokenizer.decode(own.encode(text)) == text
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id >= own.vocab_size  # a token of its own
+    assert "### Assistant:" in tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                             add_generation_prompt=True)  # fmt: skip
+
+    def val_loss(*extra: str) -> float:
+        capsys.readouterr()
+        run_cli("validate", *sft("sft_full.yaml", Path("my-gpt"), chats, "--data.max_length=192", *extra))
+        return float(next(line for line in capsys.readouterr().out.splitlines() if "val/loss" in line).split()[-2])
+
+    run_cli("fit", *sft("sft_full.yaml", Path("my-gpt"), chats, "--data.max_length=192", "--trainer.max_epochs=3"))
+    assert val_loss("--ckpt_path=best") < val_loss() - 0.5  # the conversations were learned
+    assert chat_main(["--ckpt_path=best", "--prompt", "What is two plus two?", "--temperature=0",
+                      "--max_new_tokens=40"]) == 0  # fmt: skip
+    first, answer, *_ = capsys.readouterr().out.split("\n")
+    assert first == "> What is two plus two?" and 0 < len(answer) < 40  # it answers, and stops at the EOS
+    assert export_main(["--ckpt_path=best", "--output", "chat-gpt"]) == 0  # GPT-2 layout: plain transformers
+    assert AutoModelForCausalLM.from_pretrained("chat-gpt").config.model_type == "gpt2"
+{%- endif %}
+
+
 def last_error(capsys, *args: str) -> str:
     """The one line a user mistake prints, after checking the exit code and that no traceback came."""
     with pytest.raises(SystemExit) as exit_:

@@ -95,6 +95,16 @@ class ChatModel(LightningModule):
         layer (LlamaDecoderLayer for SmolLM2) is the unit of sharding and activation checkpointing."""
         transformers(CHAT_EXTRA)  # one ERROR line with the install command when the extra is missing
         name = config.model.init_args.model_name_or_path
+        if str(name).endswith(".ckpt"):
+            raise UserError(
+                f"--model.model_name_or_path={name}: a checkpoint, not a Hugging Face model folder"
+{%- if cookiecutter.gpt == "yes" %}
+                "; a GPT checkpoint of this project becomes one with `python -m {{ cookiecutter.package_name }}.gpt_to_hf "
+                f"--ckpt_path {name} --output models/my-gpt`, then give --model.model_name_or_path=models/my-gpt"
+{%- else %}
+                " (config.json, model.safetensors, tokenizer files)"
+{%- endif %}
+            )
         data = config.data.get("init_args")
         if data is not None and "tokenizer" in data and not data.tokenizer:
             data.tokenizer = name
