@@ -97,8 +97,6 @@ def main(args=None) -> None:
     code = answer_chat(args)
     if code is not None:
         sys.exit(code)
-{%- endif %}
-{%- if cookiecutter.chat == "yes" %}
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="A chat model's checkpoint is answered with chat_generate's options (its --help).",
