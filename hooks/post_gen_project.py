@@ -1,8 +1,8 @@
 """Remove what the answers turned off.
 
 PARTS lists each optional part's own files and folders (relative to the project root); a part
-answered "no" loses them all (a file that needs two parts, like text_export.py or tests/test_serve_gpt.py,
-is listed under both). SHARED lists the files that any of several parts uses (pretrained.py: text and
+answered "no" loses them all (a file that needs two parts, like text_export.py, gpt_to_hf.py or
+tests/test_serve_gpt.py, is listed under both). SHARED lists the files that any of several parts uses (pretrained.py: text and
 chat). Files that several parts share (README, pyproject.toml, CI) choose their lines with Jinja
 conditionals instead. A new part adds one entry here and one question in
 cookiecutter.json.
@@ -30,7 +30,7 @@ PARTS = {
     "doctor": [f"{PKG}/doctor.py", "tests/test_doctor.py"],
     "gpt": [
         f"{PKG}/models/gpt.py", f"{PKG}/models/lm.py", f"{PKG}/data/corpus.py", f"{PKG}/generate.py",
-        "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
+        f"{PKG}/gpt_to_hf.py", "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
         "tests/test_gpt.py", "tests/test_gpt_slow.py", "tests/test_serve_gpt.py",
     ],
     "serve": [
@@ -39,7 +39,7 @@ PARTS = {
         "tests/test_serve_gpt.py", "tests/test_serve_chat.py",
     ],
     "chat": [
-        f"{PKG}/chat_template.py", f"{PKG}/chat_generate.py", f"{PKG}/chat_export.py",
+        f"{PKG}/chat_template.py", f"{PKG}/chat_generate.py", f"{PKG}/chat_export.py", f"{PKG}/gpt_to_hf.py",
         f"{PKG}/data/chat.py", f"{PKG}/models/chat.py", "configs/sft_lora.yaml", "configs/sft_full.yaml",
         "benchmarks/sft.py", "tests/chatdata.py", "tests/test_chat.py", "tests/test_chat_data.py",
         "tests/test_chat_smollm2.py", "tests/test_serve_chat.py",

@@ -83,6 +83,7 @@ EXPECTED_FILES = [
     "src/{pkg}/errors.py",
     "src/{pkg}/export.py",
     "src/{pkg}/generate.py",
+    "src/{pkg}/gpt_to_hf.py",
     "src/{pkg}/internals.py",
     "src/{pkg}/model_options.py",
     "src/{pkg}/models/__init__.py",
@@ -174,7 +175,7 @@ PART_FILES = {
     "doctor": ["src/{pkg}/doctor.py", "tests/test_doctor.py"],
     "gpt": [
         "src/{pkg}/models/gpt.py", "src/{pkg}/models/lm.py", "src/{pkg}/data/corpus.py", "src/{pkg}/generate.py",
-        "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
+        "src/{pkg}/gpt_to_hf.py", "configs/gpt_char.yaml", "configs/gpt_small.yaml", "benchmarks/gpt.py",
         "tests/test_gpt.py", "tests/test_gpt_slow.py", "tests/test_serve_gpt.py",
     ],
     "serve": [
@@ -184,9 +185,9 @@ PART_FILES = {
     ],
     "chat": [
         "src/{pkg}/chat_template.py", "src/{pkg}/chat_generate.py", "src/{pkg}/chat_export.py",
-        "src/{pkg}/data/chat.py", "src/{pkg}/models/chat.py", "configs/sft_lora.yaml", "configs/sft_full.yaml",
-        "benchmarks/sft.py", "tests/chatdata.py", "tests/test_chat.py", "tests/test_chat_data.py",
-        "tests/test_chat_smollm2.py", "tests/test_serve_chat.py",
+        "src/{pkg}/gpt_to_hf.py", "src/{pkg}/data/chat.py", "src/{pkg}/models/chat.py", "configs/sft_lora.yaml",
+        "configs/sft_full.yaml", "benchmarks/sft.py", "tests/chatdata.py", "tests/test_chat.py",
+        "tests/test_chat_data.py", "tests/test_chat_smollm2.py", "tests/test_serve_chat.py",
     ],
 }  # fmt: skip
 # Files that several parts use: a bake has them while any of those parts is on.

@@ -15,6 +15,7 @@ fine-tuning, after LoRA (r=8, all linear layers), after a full fine-tune, and fo
 from random weights trained in full; training tokens per second (padding included) and peak memory
 (the process's peak resident memory on a CPU, torch.cuda.max_memory_allocated on a GPU).
 Table 2: peak memory of --steps training steps at each sequence length (batch --batch), LoRA and full.
+`--tables 2` measures table 2 only (a few minutes), `--tables 1` table 1 only.
 """
 
 import argparse
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="batch of table 2 (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per cell of table 2")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "chat-model-cache"))
+    parser.add_argument("--tables", default="1,2", help="the tables to measure: 1, 2 or both (default: %(default)s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     known, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
@@ -124,6 +126,14 @@ def main() -> None:
     common = [f"--data.path={data}", f"--data.batch_size={known.batch_size}", "--data.max_length=128",
               f"--trainer.max_epochs={known.epochs}", *QUIET, *extra]  # fmt: skip
 
+    tables = known.tables.split(",")
+    if "1" in tables:
+        table_1(model, cache, known, common)
+    if "2" in tables:
+        table_2(model, data, known, extra)
+
+
+def table_1(model: Path, cache: Path, known, common: list[str]) -> None:
     rows = {}
     for kind in ("base", "lora", "full", "scratch"):
         folder = random_copy(model, cache / "SmolLM2-135M-random") if kind == "scratch" else model
@@ -143,6 +153,8 @@ def main() -> None:
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         print(f"| {names[kind]:28} | {r['loss']:13.3f} | {tps:>8} | {r['peak_mb']:8.0f} MB |")
 
+
+def table_2(model: Path, data: Path, known, extra: list[str]) -> None:
     lengths = [int(n) for n in known.lengths.split(",")]
     print(f"\nPeak memory, {known.steps} training steps of batch {known.batch} (MB)")
     print("| tokens | LoRA r=8 | full |\n|--------|----------|------|")

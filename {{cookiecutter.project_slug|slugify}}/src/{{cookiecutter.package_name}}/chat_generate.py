@@ -14,6 +14,12 @@ from pathlib import Path
 from .errors import GIVE_A_CHECKPOINT, UserError, checkpoint_error, print_error, read_checkpoint, weights_mismatch
 
 
+def is_chat(hparams: dict) -> bool:
+    """Whether a checkpoint's hyperparameters are a ChatModel's (every one saves the chat template it was
+    trained with), read without building anything: generate and export route by it."""
+    return "chat_template" in hparams
+
+
 def load_chat_model(given: str, log_dir: str = "logs"):
     """The ChatModel of checkpoint `given` (a path, or best / last: the newest under `log_dir`), on the CPU,
     in eval mode, rebuilt from its `model_name_or_path` plus the weights the checkpoint holds."""
@@ -30,7 +36,7 @@ def load_chat_model(given: str, log_dir: str = "logs"):
             )
         print(f"Using checkpoint {path}", file=sys.stderr)
     checkpoint = read_checkpoint(path, f"--ckpt_path={path}")
-    if "chat_template" not in checkpoint.get("hyper_parameters", {}):
+    if not is_chat(checkpoint.get("hyper_parameters") or {}):
         raise UserError(f"--ckpt_path={path}: not a chat model's checkpoint; {GIVE_A_CHECKPOINT} with sft_lora.yaml")
     try:
         model = ChatModel.load_from_checkpoint(path, map_location="cpu", weights_only=True)

@@ -20,6 +20,13 @@ output order and the source checkpoint.
 Before the files replace their destinations, the model's outputs are compared with the
 PyTorch model's on random raw inputs in two batch sizes; a difference above the tolerance
 writes nothing and exits with code 1.
+{%- if cookiecutter.chat == "yes" %}
+
+A chat model (configs/sft_lora.yaml, sft_full.yaml) is handed on as a Hugging Face folder instead,
+LoRA merged, by chat_export (README, Fine-tune a chat model):
+
+    python -m {{ cookiecutter.package_name }}.export --ckpt_path best --format hf --output chat-model
+{%- endif %}
 """
 
 import argparse
@@ -35,10 +42,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError, load_model, print_error
+from .errors import UserError, load_model, print_error{% if cookiecutter.chat == "yes" %}, read_checkpoint{% endif %}
 from .internals import ONNX_REGISTRATION
 
 FORMATS = {"exported_program": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
+{%- if cookiecutter.chat == "yes" %}
+HF = "hf"  # a chat model's format: a Hugging Face folder (chat_export.py)
+{%- endif %}
 ONNX_EXTRA = "pip install -e '.[onnx]'"
 
 
@@ -164,6 +174,23 @@ def export(ckpt_path: str, fmt: str, output: str | None, batch_size: int, tolera
     from .cli import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(ckpt_path, Path(log_dir))
+{%- if cookiecutter.chat == "yes" %}
+    from .chat_generate import is_chat
+
+    if is_chat(read_checkpoint(checkpoint, f"--ckpt_path={checkpoint}").get("hyper_parameters") or {}):
+        if fmt != HF:
+            raise UserError(
+                f"--ckpt_path={checkpoint}: a chat model is exported as a Hugging Face folder: give --format {HF}"
+            )
+        from .chat_export import export_hf
+
+        return export_hf(str(checkpoint), output or str(checkpoint.with_name(f"{checkpoint.stem}-{HF}")), tolerance)
+    if fmt == HF:
+        raise UserError(
+            f"--format {HF}: {checkpoint} is not a chat model's checkpoint (configs/sft_lora.yaml, sft_full.yaml); "
+            f"export this model with --format {', '.join(FORMATS)}"
+        )
+{%- endif %}
 {%- if cookiecutter.text == "yes" %}
     from .text_export import export_text, is_text_checkpoint
 
@@ -246,8 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a checkpoint's model to a file and check its outputs against PyTorch.",
     )
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file written by fit, or best / last")
+{%- if cookiecutter.chat == "yes" %}
+    parser.add_argument(
+        "--format", choices=[*FORMATS, HF], default="exported_program",
+        help=f"default: %(default)s; {HF}: a chat model as a Hugging Face folder",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output",
+        help=f"the file to write (default: the checkpoint's path with .pt2 / .pt / .onnx; {HF}: <checkpoint>-{HF}/)",
+    )
+{%- else %}
     parser.add_argument("--format", choices=list(FORMATS), default="exported_program", help="default: %(default)s")
     parser.add_argument("--output", help="the file to write (default: the checkpoint's path with .pt2 / .pt / .onnx)")
+{%- endif %}
     parser.add_argument(
         "--batch_size", "--batch-size", type=int, default=8, help="size of the random check batch (default: 8)"
     )

@@ -7,6 +7,13 @@
 `--config` (its logger's folder), as for `python train.py test`. The checkpoint alone rebuilds the
 network and its tokenizer. The same seed gives the same text; `--no_cache` recomputes the whole
 context for each token (slower; the text is the same).
+{%- if cookiecutter.chat == "yes" %}
+
+A chat model's checkpoint (configs/sft_lora.yaml, sft_full.yaml) is answered by chat_generate, with its
+options (`--prompt` may be repeated; see `python -m {{ cookiecutter.package_name }}.chat_generate --help`):
+
+    python -m {{ cookiecutter.package_name }}.generate --config configs/sft_lora.yaml --ckpt_path best --prompt "Hi"
+{%- endif %}
 """
 
 import argparse
@@ -38,7 +45,14 @@ def find_checkpoint(given: str, config: str) -> Path:
         raise UserError(f"--config={config}: no trainer.logger save_dir/name to find '{given}' in ({err})") from None
     found = newest_checkpoint(root, given)
     if found is None:
-        raise UserError(f"--ckpt_path={given}: no {given} checkpoint under {root}/*/checkpoints (train first)")
+        raise UserError(
+            f"--ckpt_path={given}: no {given} checkpoint under {root}/*/checkpoints (train first"
+{%- if cookiecutter.chat == "yes" %}
+            ", or give the --config of the run, e.g. configs/sft_lora.yaml)"
+{%- else %}
+            ")"
+{%- endif %}
+        )
     return found
 
 
@@ -68,10 +82,42 @@ def text_pieces(steps, tokenizer: Tokenizer):
     rest = tokenizer.decode(new)[len(shown) :]
     if rest:
         yield rest
+{%- if cookiecutter.chat == "yes" %}
+
+
+def answer_chat(args: list[str] | None) -> int | None:
+    """chat_generate's exit code when the checkpoint is a chat model's (it answers with its own options),
+    else None: the checkpoint is read for its hyperparameters only (memory-mapped, no model built)."""
+    from .chat_generate import is_chat
+    from .chat_generate import main as chat_main
+
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--ckpt_path", default="best")
+    first.add_argument("--config", default=str(DEFAULT_CONFIG))
+    known, rest = first.parse_known_args(args)
+    if "-h" in rest or "--help" in rest:
+        return None
+    try:
+        path = find_checkpoint(known.ckpt_path, known.config)
+        hparams = read_checkpoint(path, f"--ckpt_path={path}").get("hyper_parameters") or {}
+    except UserError:
+        return None  # the GPT's own loading below reports it
+    return chat_main(["--ckpt_path", str(path), *rest]) if is_chat(hparams) else None
+{%- endif %}
 
 
 def main(args=None) -> None:
+{%- if cookiecutter.chat == "yes" %}
+    code = answer_chat(args)
+    if code is not None:
+        sys.exit(code)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="A chat model's checkpoint is answered with chat_generate's options (its --help).",
+    )
+{%- else %}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+{%- endif %}
     parser.add_argument("--ckpt_path", default="best", help="a .ckpt file, or best / last of --config's runs")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the training config (for best / last)")
     parser.add_argument("--prompt", default="\n", help="the text to continue")

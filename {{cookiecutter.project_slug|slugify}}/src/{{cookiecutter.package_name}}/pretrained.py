@@ -74,8 +74,8 @@ def load_encoder(name: str):
     return encoder.train()
 
 
-def encoder_skeleton(name: str):
-    """Model `name`'s architecture without its weights (on the meta device: no memory, no file read)."""
+def skeleton(name: str):
+    """Model `name`'s architecture without its weights or head (on the meta device: no memory, no weights read)."""
     hf = transformers()
     try:
         config = hf.AutoConfig.from_pretrained(name)
@@ -83,6 +83,31 @@ def encoder_skeleton(name: str):
         raise _not_found(name, err) from None
     with torch.device("meta"):
         return hf.AutoModel.from_config(config)
+
+
+def layer_class(model: torch.nn.Module) -> type[torch.nn.Module]:
+    """The class of a transformer's layers: the members of its longest ModuleList of modules of one
+    class (BertLayer, LlamaDecoderLayer, ...)."""
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    stacks = [m for m in stacks if len({type(layer) for layer in m}) == 1]
+    if not stacks:
+        raise UserError(f"{type(model).__name__}: no stack of transformer layers found to shard with FSDP")
+    return type(max(stacks, key=len)[0])
+
+
+def shard_by_layer(config, name: str) -> None:
+    """Under FSDP (the parsed run `config` names FSDPStrategy), make model `name`'s transformer layer the
+    unit of sharding and of activation checkpointing: FSDP gathers one layer's weights at a time, and
+    the preset's policy names the project's own ViT Block, which a pretrained model does not have."""
+    strategy = config.trainer.get("strategy")
+    init = getattr(strategy, "init_args", None)
+    if init is None or not str(strategy.class_path).endswith("FSDPStrategy"):
+        return
+    layer = layer_class(skeleton(name))
+    init.auto_wrap_policy = {layer}
+    if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
+        init.activation_checkpointing_policy = {layer}
+    init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
 
 
 def load_causal_lm(name: str, extra: str = DEFAULT_EXTRA):

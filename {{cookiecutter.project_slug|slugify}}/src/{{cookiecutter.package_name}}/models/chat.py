@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from ..chat_template import CHAT_EXTRA, prompt_ids, use_template
 from ..errors import UserError
-from ..pretrained import load_causal_lm, load_tokenizer, transformers
+from ..pretrained import load_causal_lm, load_tokenizer, shard_by_layer, transformers
+from .fsdp import clip_gradients
 from .schedule import warmup_then_cosine
 
 IGNORE = -100  # labels of tokens that are not learned (data/chat.py)
@@ -88,12 +90,25 @@ class ChatModel(LightningModule):
 
     @staticmethod
     def prepare_run(config) -> None:
-        """Called by the command line before it builds anything: the chat extra must be installed, and the
-        data's tokenizer is the model's unless --data.tokenizer names another."""
+        """Called by the command line before it builds anything: the chat extra must be installed, the
+        data's tokenizer is the model's unless --data.tokenizer names another, and under FSDP the decoder
+        layer (LlamaDecoderLayer for SmolLM2) is the unit of sharding and activation checkpointing."""
         transformers(CHAT_EXTRA)  # one ERROR line with the install command when the extra is missing
+        name = config.model.init_args.model_name_or_path
+        if str(name).endswith(".ckpt"):
+            raise UserError(
+                f"--model.model_name_or_path={name}: a checkpoint, not a Hugging Face model folder"
+{%- if cookiecutter.gpt == "yes" %}
+                "; a GPT checkpoint of this project becomes one with `python -m {{ cookiecutter.package_name }}.gpt_to_hf "
+                f"--ckpt_path {name} --output models/my-gpt`, then give --model.model_name_or_path=models/my-gpt"
+{%- else %}
+                " (config.json, model.safetensors, tokenizer files)"
+{%- endif %}
+            )
         data = config.data.get("init_args")
         if data is not None and "tokenizer" in data and not data.tokenizer:
-            data.tokenizer = config.model.init_args.model_name_or_path
+            data.tokenizer = name
+        shard_by_layer(config, name)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -161,13 +176,15 @@ class ChatModel(LightningModule):
         logger = self.logger
         if not prompts or not self.hparams.sample_max_new_tokens or not isinstance(logger, TensorBoardLogger):
             return
-        if not self.trainer.is_global_zero:
-            return
+        if not self.trainer.is_global_zero or isinstance(self.trainer.strategy, FSDPStrategy):
+            return  # under FSDP each process holds a shard of the weights: one alone cannot generate
         parts = []
         for messages in prompts:
             answer = chat_reply(self, messages, self.hparams.sample_max_new_tokens, temperature=0.0)
             parts.append(f"**{messages[-1]['content']}**\n\n{answer}")
         logger.experiment.add_text("val/answers", "\n\n---\n\n".join(parts), self.global_step)
+
+    configure_gradient_clipping = clip_gradients  # the configs' gradient_clip_val, also under FSDP
 
     def configure_optimizers(self):
         h = self.hparams

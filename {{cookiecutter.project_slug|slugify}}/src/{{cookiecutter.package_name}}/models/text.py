@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..pretrained import encoder_skeleton, load_encoder, transformers
+from ..pretrained import load_encoder, shard_by_layer, transformers
 from .finetune import FineTuner, is_adapter
 
 # Lightning lists every pretrained weight a small checkpoint leaves out; on_load_checkpoint
@@ -65,16 +65,6 @@ def encode(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pooling: s
     return pool(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, pooling)
 
 
-def layer_class(encoder: nn.Module) -> type[nn.Module]:
-    """The class of the encoder's transformer layers: the members of its longest ModuleList of
-    modules of one class (BertLayer, RobertaLayer, ...). FSDP shards and gathers one at a time."""
-    stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    stacks = [m for m in stacks if len({type(layer) for layer in m}) == 1]
-    if not stacks:
-        raise UserError(f"{type(encoder).__name__}: no stack of transformer layers found to shard with FSDP")
-    return type(max(stacks, key=len)[0])
-
-
 def prepare_text_run(config) -> None:
     """Called by the CLI once a text model's run is parsed (the models' `prepare_run`), before anything
     is built: the `text` extra installed, the data's tokenizer named by the model (unless
@@ -84,14 +74,7 @@ def prepare_text_run(config) -> None:
     model, data = config.model.init_args, config.data.get("init_args")
     if data is not None and "tokenizer" in data and not data.tokenizer:
         data.tokenizer = model.model_name_or_path
-    strategy = config.trainer.get("strategy")
-    init = getattr(strategy, "init_args", None)
-    if init is not None and str(strategy.class_path).endswith("FSDPStrategy"):
-        layer = layer_class(encoder_skeleton(model.model_name_or_path))
-        init.auto_wrap_policy = {layer}
-        if init.get("activation_checkpointing_policy"):  # the preset's choice: [] keeps activations
-            init.activation_checkpointing_policy = {layer}
-        init.use_orig_params = True  # frozen and trained parameters in one FSDP unit (LoRA, frozen backbone)
+    shard_by_layer(config, model.model_name_or_path)
 
 
 def drop_untrained(checkpoint: dict, saved) -> None:
