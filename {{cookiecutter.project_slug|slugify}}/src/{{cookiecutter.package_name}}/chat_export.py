@@ -13,7 +13,7 @@ generation_config.json and the tokenizer with the chat template the model was tr
 
 Before the folder takes its name, it is loaded back with plain transformers and its logits on a
 prompt are compared with the checkpoint's model (adapters unmerged): a difference above the
-tolerance writes nothing.
+tolerance (a fraction of the largest logit) writes nothing.
 """
 
 import argparse
@@ -54,11 +54,14 @@ def export_hf(given: str, output: str, tolerance: float = 1e-4, log_dir: str = "
         model.tokenizer.save_pretrained(staged)  # with the chat template
         reloaded = hf.AutoModelForCausalLM.from_pretrained(staged, use_safetensors=True, dtype=torch.float32)
         with torch.no_grad():
-            difference = (reloaded(input_ids=ids).logits - expected.float()).abs().max().item()
+            # Relative to the largest logit: merging LoRA (W + BA in one matrix) rounds differently in float32,
+            # and over a 30-layer model that alone moves logits of size 20 by about 1e-4.
+            scale = expected.float().abs().max().clamp_min(1.0)
+            difference = ((reloaded(input_ids=ids).logits - expected.float()).abs().max() / scale).item()
         if not difference <= tolerance:  # also catches NaN
             raise UserError(
-                f"the exported model's logits differ from the checkpoint's by up to {difference:.2e} "
-                f"(tolerance {tolerance:.0e}); nothing written"
+                f"the exported model's logits differ from the checkpoint's by up to {difference:.2e} of the "
+                f"largest logit (tolerance {tolerance:.0e}); nothing written"
             )
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
@@ -71,7 +74,8 @@ def export_hf(given: str, output: str, tolerance: float = 1e-4, log_dir: str = "
     lora = " (LoRA merged)" if model.hparams.lora_rank else ""
     print(
         f"Wrote {out}/ ({size:.0f} MB){lora}: a Hugging Face model folder with its tokenizer and chat template; "
-        f"max |logit difference| vs the checkpoint: {difference:.1e} (tolerance {tolerance:.0e}): OK"
+        f"max |logit difference| vs the checkpoint: {difference:.1e} of the largest logit "
+        f"(tolerance {tolerance:.0e}): OK"
     )
     return out
 

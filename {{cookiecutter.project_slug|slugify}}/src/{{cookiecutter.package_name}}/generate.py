@@ -45,14 +45,12 @@ def find_checkpoint(given: str, config: str) -> Path:
         raise UserError(f"--config={config}: no trainer.logger save_dir/name to find '{given}' in ({err})") from None
     found = newest_checkpoint(root, given)
     if found is None:
-        raise UserError(
-            f"--ckpt_path={given}: no {given} checkpoint under {root}/*/checkpoints (train first"
 {%- if cookiecutter.chat == "yes" %}
-            ", or give the --config of the run, e.g. configs/sft_lora.yaml)"
+        hint = ", or give the --config of the run, e.g. configs/sft_lora.yaml"
 {%- else %}
-            ")"
+        hint = ""
 {%- endif %}
-        )
+        raise UserError(f"--ckpt_path={given}: no {given} checkpoint under {root}/*/checkpoints (train first{hint})")
     return found
 
 
